@@ -1,0 +1,35 @@
+# mtlsparse — set-up, run, test, bench, sweep. `make run` and `make test` install what they need.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+STAMP := .make-setup.stamp
+
+.PHONY: setup run test test-slow bench sweep report clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's Fashion-MNIST (dataset-fashion-mnist)"; \
+		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null \
+		|| echo "warning: could not install dataset-fashion-mnist; set dataset.download=true on an online machine"; \
+	fi
+	$(PIP) install -q -e ".[dev,slurm]"
+	@touch $(STAMP)
+
+run: setup
+	$(PYTHON) -m mtlsparse $(ARGS)
+
+test: setup
+	$(PYTHON) -m pytest $(ARGS)
+
+test-slow: setup
+	$(PYTHON) -m pytest -m slow $(ARGS)
+
+bench: setup
+	$(PYTHON) -m mtlsparse.bench $(ARGS)
+
+sweep: setup
+	$(PYTHON) -m mtlsparse -m +sweep=lambda_group_lasso $(ARGS)
+
+clean:
+	rm -rf outputs multirun .pytest_cache $(STAMP)

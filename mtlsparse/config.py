@@ -1,0 +1,98 @@
+"""Config checks that fail at start with a message naming the key and the allowed values.
+
+Hydra already rejects unknown override keys and unknown group options. This module
+checks the top-level knobs and turns instantiation errors (unknown constructor key,
+out-of-range value) into one-line `ConfigError`s instead of a traceback wall.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and what is allowed."""
+
+
+def _number(cfg: DictConfig, key: str) -> float:
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def apply_preference(cfg: DictConfig) -> None:
+    """Expand `pref=[k0,k1,..,km]` (one sweep value per preference vector) into k0 and k."""
+    pref = cfg.get("pref")
+    if pref is None:
+        return
+    if not isinstance(pref, (list, ListConfig)) or len(pref) < 2:
+        raise ConfigError(f"pref must be a list [k0, k1, ..., km] with one weight per task after k0, got {pref!r}")
+    cfg.k0 = float(pref[0])
+    cfg.k = [float(v) for v in pref[1:]]
+
+
+def validate_knobs(cfg: DictConfig) -> None:
+    """Check the top-level knobs (DESIGN.md) before anything is built."""
+    if _number(cfg, "lam") < 0:
+        raise ConfigError(f"lam must be >= 0 (regularisation strength λ), got {cfg.lam}")
+    if _number(cfg, "k0") < 0:
+        raise ConfigError(f"k0 must be >= 0 (preference weight of the sparsity objective), got {cfg.k0}")
+    sparsity = _number(cfg, "sparsity")
+    if not 0 <= sparsity < 1:
+        raise ConfigError(f"sparsity must be in [0, 1) (fraction of prunable weights set to zero), got {sparsity}")
+    k = cfg.get("k")
+    if k is not None:
+        if not isinstance(k, (list, ListConfig)):
+            raise ConfigError(f"k must be a list with one weight per task, e.g. k=[0.5,0.5], got {k!r}")
+        if any(not isinstance(v, (int, float)) or v < 0 for v in k):
+            raise ConfigError(f"k must hold non-negative numbers, got {list(k)}")
+    if cfg.get("test_ckpt") not in ("best", "last"):
+        raise ConfigError(f"test_ckpt must be one of ['best', 'last'], got {cfg.get('test_ckpt')!r}")
+    if not 0 <= _number(cfg, "min_sparsity") <= 100:
+        raise ConfigError(f"min_sparsity must be a percentage in [0, 100], got {cfg.min_sparsity}")
+
+
+def check_task_count(cfg: DictConfig, tasks: list[str]) -> None:
+    """k must have one entry per task of the chosen dataset."""
+    k = cfg.get("k")
+    if k is not None and len(k) != len(tasks):
+        raise ConfigError(f"k has {len(k)} entries but dataset '{cfg.dataset._target_.rsplit('.', 1)[-1]}' has "
+                          f"{len(tasks)} tasks {tasks}: pass one weight per task, e.g. "
+                          f"k=[{','.join(['0.5'] * len(tasks))}] (or pref=[k0,...] with {len(tasks) + 1} entries)")
+
+
+def allowed_keys(target: str) -> list[str]:
+    """Constructor keyword arguments of a `_target_` class or function."""
+    params = inspect.signature(get_object(target)).parameters
+    return [p for p in params if p not in ("self", "args", "kwargs")]
+
+
+def build(cfg: DictConfig, group: str, **runtime: Any) -> Any:
+    """Instantiate `cfg[group]`, then call it with runtime objects (tasks, callbacks, ...).
+
+    Runtime objects are passed to the constructed partial rather than to `instantiate`
+    so Hydra does not turn them into configs. Bad keys/values become a `ConfigError`
+    that names the group, the key and the allowed keys.
+    """
+    node = cfg[group]
+    target = OmegaConf.select(node, "_target_", default="?")
+    try:
+        factory = instantiate(node, _partial_=True)
+        return factory(**runtime) if not node.get("_partial_", False) else factory
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+    except (TypeError, ValueError) as err:
+        if isinstance(err, TypeError) and "unexpected keyword argument" not in str(err):
+            raise
+        cause = err
+    if isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause):
+        bad = str(cause).rsplit("argument", 1)[-1].strip(" '\"")
+        allowed = [k for k in allowed_keys(target) if k not in runtime]
+        raise ConfigError(f"unknown key '{group}.{bad}' for {target}; allowed keys: {allowed}")
+    raise ConfigError(f"bad value in '{group}' ({target}): {cause}")

@@ -1,0 +1,1 @@
+"""Task metrics come from torchmetrics (see `mtlsparse.tasks`); sparsity metrics live here."""

@@ -1,0 +1,50 @@
+"""The multi-task model contract every architecture implements.
+
+`forward(x)` returns one output per task. Balancers need to tell shared from
+task-specific parameters (MGDA, gradient surgery), and sparsity methods need to know
+which layers form the feature extractor they may sparsify and which layers read the
+raw input (those are excluded by default, as in the papers).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mtlsparse.tasks import Task
+
+
+class MultiTaskModel(nn.Module):
+    """Base class: subclasses set `self.tasks` and implement `forward`."""
+
+    tasks: dict[str, Task]
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters every task's loss depends on."""
+        raise NotImplementedError
+
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        """Parameters only `task`'s loss depends on."""
+        raise NotImplementedError
+
+    def backbone_modules(self) -> Sequence[nn.Module]:
+        """Feature extractors that sparsity methods act on (trunks, monitors)."""
+        raise NotImplementedError
+
+    def input_layers(self) -> Sequence[nn.Module]:
+        """Layers that read the raw input; excluded from sparsification by default."""
+        raise NotImplementedError
+
+    def head_modules(self) -> Sequence[nn.Module]:
+        """Task output layers; never sparsified by default."""
+        raise NotImplementedError
+
+
+def flat_features(in_shape: Sequence[int], trunk: nn.Module) -> int:
+    """Number of features `trunk` produces for one input of shape (C, H, W)."""
+    with torch.no_grad():
+        return int(trunk(torch.zeros(1, *in_shape)).flatten(1).shape[1])

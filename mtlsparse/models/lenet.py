@@ -1,0 +1,32 @@
+"""LeNet-scale building blocks used by the Multi-* (MNIST/Fashion) benchmarks."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from mtlsparse.models.base import flat_features
+
+
+def lenet_trunk(in_shape: Sequence[int], channels: Sequence[int] = (10, 20), hidden: int = 50,
+                kernel_size: int = 5, batch_norm: bool = False) -> nn.Sequential:
+    """Conv(k5)-pool-ReLU blocks then Flatten-FC-ReLU (METHODS.md §1, HPS trunk).
+
+    The FC input size is derived from `in_shape`, so the same trunk serves 28×28,
+    36×36 and small (e.g. 12×12 digits) inputs; `kernel_size` shrinks for tiny images.
+    """
+    layers: list[nn.Module] = []
+    c_in = in_shape[0]
+    for c_out in channels:
+        layers += [nn.Conv2d(c_in, c_out, kernel_size)]
+        if batch_norm:
+            layers += [nn.BatchNorm2d(c_out)]
+        layers += [nn.MaxPool2d(2), nn.ReLU()]
+        c_in = c_out
+    convs = nn.Sequential(*layers)
+    return nn.Sequential(*convs, nn.Flatten(), nn.Linear(flat_features(in_shape, convs), hidden), nn.ReLU())
+
+
+def first_layer(trunk: nn.Module) -> nn.Module:
+    """The first conv/linear layer of a trunk: the one reading the raw input."""
+    return next(m for m in trunk.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))

@@ -1,0 +1,173 @@
+"""MultiTaskModule: one LightningModule for every model × balancer × sparsity method.
+
+It owns the training step (task losses → balancer → backward), calls the sparsity
+method's hooks at fixed points (after each optimizer step; at the end of each training
+epoch, before validation and checkpointing), and logs task and sparsity metrics.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from mtlsparse.balancers.base import BalanceContext, Balancer
+from mtlsparse.metrics.sparsity import group_sparsity, param_sparsity
+from mtlsparse.models.base import MultiTaskModel
+from mtlsparse.sparsity.base import SparsityMethod
+
+OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+EVAL_SPLITS = ("val", "test")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss becomes NaN/inf; says where and with which state."""
+
+
+class MultiTaskModule(L.LightningModule):
+    """Trains `model` on all its tasks with `balancer`, sparsified by `method`.
+
+    `min_sparsity` gates checkpoint selection: epochs whose `sparsity/param` is below it
+    never count as best (GrOWL's s_min). `val/select` is the mean of the tasks' selection
+    metrics (accuracy for classification), higher is better.
+    """
+
+    def __init__(self, model: MultiTaskModel, balancer: Balancer, method: SparsityMethod,
+                 optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None,
+                 min_sparsity: float = 0.0) -> None:
+        super().__init__()
+        self.model, self.balancer, self.method = model, balancer, method
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.min_sparsity = min_sparsity
+        self.method.setup(model)
+        self.tasks = model.tasks
+        self.task_metrics = nn.ModuleDict(
+            {split: nn.ModuleDict({name: t.metrics() for name, t in self.tasks.items()}) for split in EVAL_SPLITS})
+        self._shared_params = list(model.shared_parameters())
+        self._epoch_hooks_done = -1
+        self.samples_seen = 0
+        self.train_seconds = 0.0
+        self._epoch_t0 = 0.0
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return self.model(x)
+
+    # ----------------------------------------------------------------- steps
+    def _outputs(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+        if self.balancer.needs_representation:
+            rep = self.model.shared_representation(x)
+            return self.model.decode(rep), rep
+        return self.model(x), None
+
+    def _losses(self, out: dict[str, Tensor], y: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: t.loss(out[name], y[name]) for name, t in self.tasks.items()}
+
+    def training_step(self, batch: tuple[Tensor, dict[str, Tensor]], batch_idx: int) -> Tensor:
+        x, y = batch
+        out, rep = self._outputs(x)
+        losses = self._losses(out, y)
+        penalty = self.method.penalty() if self.balancer.uses_penalty else None
+        ctx = BalanceContext(self._shared_params, rep, self.global_step, self.current_epoch)
+        loss = self.balancer(losses, penalty, ctx)
+        if not torch.isfinite(loss):
+            self._raise_non_finite(loss, losses, penalty)
+        self.samples_seen += x.shape[0]
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self.log_dict({f"train/{n}/loss": v.detach() for n, v in losses.items()}, on_step=False, on_epoch=True,
+                      batch_size=x.shape[0])
+        return loss
+
+    def _raise_non_finite(self, loss: Tensor, losses: dict[str, Tensor], penalty: Tensor | None) -> None:
+        task_losses = {n: float(v) for n, v in losses.items()}
+        raise NonFiniteLossError(
+            f"non-finite training loss {float(loss)} at global step {self.global_step} (epoch {self.current_epoch}): "
+            f"task losses {task_losses}, sparsity objective {None if penalty is None else float(penalty)}, "
+            f"balancer state {self.balancer.state_summary()}. Checkpoints saved so far are kept; "
+            "lower optimizer.lr, lam or k0, or check the data for NaNs.")
+
+    def _eval_step(self, split: str, batch: tuple[Tensor, dict[str, Tensor]]) -> None:
+        x, y = batch
+        out = self.model(x)
+        for name, loss in self._losses(out, y).items():
+            self.log(f"{split}/{name}/loss", loss, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+            self.task_metrics[split][name].update(out[name], y[name])
+
+    def validation_step(self, batch: tuple[Tensor, dict[str, Tensor]], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: tuple[Tensor, dict[str, Tensor]], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _log_epoch_metrics(self, split: str) -> None:
+        values: dict[str, float] = {}
+        selection = []
+        for name, task in self.tasks.items():
+            computed = self.task_metrics[split][name].compute()
+            self.task_metrics[split][name].reset()
+            values.update({f"{split}/{name}/{k}": float(v) for k, v in computed.items()})
+            key, mode = task.selection_metric
+            selection.append(float(computed[key]) * (1 if mode == "max" else -1))
+        accs = [v for k, v in values.items() if k.endswith("/acc")]
+        if accs:
+            values[f"{split}/mean_acc"] = sum(accs) / len(accs)
+        sparsity = self.sparsity_summary()
+        if split == "val":
+            score = sum(selection) / len(selection)
+            # below the sparsity floor an epoch can't be best; among such epochs the sparsest wins
+            values["val/select"] = score if sparsity["sparsity/param"] >= self.min_sparsity \
+                else sparsity["sparsity/param"] - 1e3
+        self.log_dict({**values, **sparsity}, prog_bar=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    def sparsity_summary(self) -> dict[str, float]:
+        """Parameter and channel-group sparsity (%) of the method's prunable layers."""
+        weights = [layer.weight.detach() for layer in self.method.layers]
+        return {"sparsity/param": param_sparsity(weights), "sparsity/group": group_sparsity(weights)}
+
+    # ------------------------------------------------------------ sparsity hooks
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.method.after_optimizer_step(getattr(optimizer, "optimizer", optimizer))
+
+    def on_fit_start(self) -> None:
+        self.method.on_fit_start(self)
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_t0 = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.trainer.is_last_batch:
+            self._end_of_training_epoch()
+
+    def on_train_epoch_end(self) -> None:
+        self._end_of_training_epoch()  # no-op when the last batch already ran it
+
+    def _end_of_training_epoch(self) -> None:
+        """Epoch-end work, run once per epoch before validation so checkpoints see its effect."""
+        if self._epoch_hooks_done == self.current_epoch:
+            return
+        self._epoch_hooks_done = self.current_epoch
+        self.train_seconds += time.perf_counter() - self._epoch_t0
+        self.method.on_train_epoch_end(self)
+        self.balancer.on_train_epoch_end(self)
+        self.log_dict({f"balancer/{k}": v for k, v in self.balancer.state_summary().items()})
+
+    # -------------------------------------------------------------- optimizers
+    def configure_optimizers(self):
+        groups = [{"params": list(self.model.parameters())}]
+        balancer_params = list(self.balancer.parameters())
+        if balancer_params:
+            groups.append({"params": balancer_params})
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}

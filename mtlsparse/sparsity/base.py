@@ -1,0 +1,67 @@
+"""The sparsity-method contract: hooks the LightningModule calls at fixed points.
+
+A method is an `nn.Module` so any state it keeps (buffers, schedules, step counters)
+lands in the LightningModule's `state_dict` and therefore in checkpoints. Weights and
+masks themselves live on the model; the method only acts on them.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from mtlsparse.models.base import MultiTaskModel
+from mtlsparse.sparsity.layers import PrunableLayer, prunable_layers
+
+if TYPE_CHECKING:  # pragma: no cover
+    import lightning as L
+
+
+class SparsityMethod(nn.Module):
+    """Base class; the default hooks do nothing (that is the `dense` method)."""
+
+    #: families: "dense", "prox" (regularise + prox), "prune" (prune + finetune), "dst" (dynamic)
+    family = "dense"
+    #: True when the structure the method creates is channel groups (drives export)
+    structured = False
+
+    def __init__(self, include_input_layers: bool = False, include_heads: bool = False) -> None:
+        super().__init__()
+        self.include_input_layers = include_input_layers
+        self.include_heads = include_heads
+        self._layers: list[PrunableLayer] = []
+
+    def setup(self, model: MultiTaskModel) -> None:
+        """Bind to the model: find the layers this method acts on."""
+        self._layers = prunable_layers(model, self.include_input_layers, self.include_heads)
+
+    @property
+    def layers(self) -> list[PrunableLayer]:
+        return self._layers
+
+    def penalty(self) -> Tensor | None:
+        """Differentiable sparsity objective L0 handed to the balancer (None: no penalty)."""
+        return None
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Runs after every optimizer step (prox operators, mask re-application)."""
+
+    def on_fit_start(self, module: L.LightningModule) -> None:
+        """Runs once before training (mask initialisation from data, e.g. SNIP)."""
+
+    def on_train_epoch_end(self, module: L.LightningModule) -> None:
+        """Runs after each training epoch (thresholding, schedules, phase changes)."""
+
+    def masks(self) -> dict[str, Tensor] | None:
+        """Current binary masks keyed by layer name, if the method keeps masks."""
+        return None
+
+
+class Dense(SparsityMethod):
+    """No sparsification: the dense baseline."""
+
+
+def param_state(optimizer: torch.optim.Optimizer) -> dict[int, tuple[dict, dict]]:
+    """Map id(param) → (its param group, its optimizer state) for per-parameter lr and moments."""
+    return {id(p): (group, optimizer.state.get(p, {})) for group in optimizer.param_groups for p in group["params"]}

@@ -1,0 +1,49 @@
+"""Task descriptions shared by datasets, models, losses and metrics.
+
+A dataset declares its tasks; models size their heads from them, and the
+LightningModule builds each task's loss and torchmetrics from them, so adding a
+task kind means adding one branch here, not touching every model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor
+
+TASK_KINDS = ("classification",)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One prediction task: its name, kind and output size."""
+
+    name: str
+    kind: str = "classification"
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"task '{self.name}': unknown kind '{self.kind}', allowed: {TASK_KINDS}")
+
+    @property
+    def out_dim(self) -> int:
+        """Number of output units the task head must produce."""
+        return self.num_classes
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """Mean task loss of a batch."""
+        return F.cross_entropy(output, target)
+
+    def metrics(self) -> torchmetrics.MetricCollection:
+        """Fresh torchmetrics for this task (one collection per split)."""
+        return torchmetrics.MetricCollection(
+            {"acc": torchmetrics.Accuracy(task="multiclass", num_classes=self.num_classes)}
+        )
+
+    @property
+    def selection_metric(self) -> tuple[str, str]:
+        """(metric name, 'max' | 'min') used to rank checkpoints for this task."""
+        return "acc", "max"
+

@@ -1,0 +1,118 @@
+"""`run(cfg, run_dir)`: compose → instantiate → fit → test → metrics.json.
+
+Used by `python -m mtlsparse` and by the tests (which compose configs with Hydra's
+compose API and call `run` directly).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from mtlsparse.config import apply_preference, build, check_task_count, validate_knobs
+from mtlsparse.io import write_json
+from mtlsparse.metrics.sparsity import matrix_weights, param_counts, row_metrics
+from mtlsparse.module import MultiTaskModule
+
+log = logging.getLogger("mtlsparse")
+ECHOED_KNOBS = ("k0", "k", "lam", "sparsity", "seed")
+ECHOED_GROUPS = ("dataset", "model", "balancer", "method")
+
+
+def route_lightning_logs_through_hydra() -> None:
+    """Lightning installs its own stderr handlers; drop them so each message prints once, via Hydra's logging."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+
+
+def group_choices(cfg: DictConfig) -> dict[str, str]:
+    """Names of the chosen config-group options (e.g. method → 'group_lasso')."""
+    if HydraConfig.initialized():
+        choices = HydraConfig.get().runtime.choices
+    else:
+        choices = OmegaConf.select(cfg, "hydra.runtime.choices", default={}) or {}
+    return {g: str(choices.get(g)) for g in ECHOED_GROUPS}
+
+
+def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> MultiTaskModule:
+    """Instantiate model, balancer and sparsity method around the dataset's tasks."""
+    tasks = list(datamodule.tasks)
+    check_task_count(cfg, tasks)
+    model = build(cfg, "model", tasks=datamodule.tasks, in_shape=datamodule.input_shape)
+    balancer = build(cfg, "balancer", tasks=tasks)
+    method = build(cfg, "method")
+    optimizer = build(cfg, "optimizer")
+    scheduler = build(cfg, "scheduler") if cfg.get("scheduler") else None
+    return MultiTaskModule(model, balancer, method, optimizer, scheduler, min_sparsity=cfg.min_sparsity)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ModelCheckpoint]:
+    """Lightning Trainer from `cfg.trainer`, with checkpointing, CSV logs and a rich progress bar."""
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor="val/select", mode="max",
+                                 save_top_k=1, save_last=True, filename="best-{epoch}")
+    callbacks: list[L.Callback] = [checkpoint]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(RichProgressBar(leave=False))
+    trainer = build(cfg, "trainer", callbacks=callbacks, default_root_dir=str(run_dir),
+                    logger=CSVLogger(str(run_dir), name="logs", version=""))
+    return trainer, checkpoint
+
+
+def final_metrics(cfg: DictConfig, module: MultiTaskModule, test_results: dict[str, float],
+                  train_s: float) -> dict[str, Any]:
+    """Flat metrics.json content (DESIGN.md metric names)."""
+    metrics: dict[str, Any] = {k: float(v) for k, v in test_results.items()}
+    metrics.update(module.sparsity_summary())
+    metrics.update({f"sparsity/{k}": v for k, v in row_metrics(matrix_weights(module.model)).items()})
+    metrics.update({f"params/{k}": v for k, v in param_counts(module.model).items()})
+    metrics["time/train_s"] = train_s
+    metrics["time/train_samples_per_s"] = module.samples_seen / max(module.train_seconds, 1e-9)
+    for knob in ECHOED_KNOBS:
+        value = cfg.get(knob)
+        metrics[f"config/{knob}"] = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+    metrics.update({f"config/{g}": name for g, name in group_choices(cfg).items()})
+    return metrics
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """One line with the numbers a researcher looks at first."""
+    keys = sorted(k for k in metrics if k.startswith("test/") and not k.endswith("/loss"))
+    keys += ["sparsity/param", "sparsity/group", "sparsity/sr", "time/train_s"]
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train and test one configuration; write `<run_dir>/metrics.json` and return the metrics."""
+    run_dir = Path(run_dir)
+    route_lightning_logs_through_hydra()
+    apply_preference(cfg)
+    validate_knobs(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build(cfg, "dataset")
+    module = build_module(cfg, datamodule)
+    trainer, checkpoint = build_trainer(cfg, run_dir)
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    train_s = time.perf_counter() - start
+    ckpt = checkpoint.best_model_path if cfg.test_ckpt == "best" and checkpoint.best_model_path else None
+    if ckpt:  # load here (not via trainer.test) so the sparsity metrics read the tested weights
+        module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    test_results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+
+    metrics = final_metrics(cfg, module, test_results, train_s)
+    metrics["checkpoint/tested"] = Path(ckpt).name if ckpt else "last"
+    if trainer.is_global_zero:
+        write_json(run_dir / "metrics.json", metrics)
+        log.info("%s → %s", summary_line(metrics), run_dir / "metrics.json")
+    return metrics

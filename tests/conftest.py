@@ -1,0 +1,39 @@
+"""Shared fixtures: compose the real Hydra config tree with overrides, run tiny trainings."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+REPO = Path(__file__).resolve().parents[1]
+
+# a 2-step training on tiny procedural data: what every smoke test runs
+TINY = [
+    "dataset=synthetic",
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "dataset.batch_size=32",
+]
+
+
+def compose_cfg(overrides: list[str], data_root: Path | None = None) -> DictConfig:
+    """Compose `conf/config.yaml` with overrides, as `python -m mtlsparse` would."""
+    extra = [f"data_root={data_root}"] if data_root is not None else []
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides + extra, return_hydra_config=True)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """Factory: compose TINY + overrides with a tmp data root."""
+    def make(*overrides: str) -> DictConfig:
+        return compose_cfg(TINY + list(overrides), data_root=tmp_path / "data")
+    return make
