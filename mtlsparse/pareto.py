@@ -1,0 +1,117 @@
+"""Pareto tools for comparing runs: objective matrices, ε-non-dominance, hypervolume.
+
+Plain numpy functions in the minimisation convention (smaller is better in every
+column); `objectives` negates the columns that are to be maximised. Hypervolume
+comes from the maintained `moocore` library (pymoo as a fallback).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+
+Direction = Literal["min", "max"]
+
+
+def objectives(
+    rows: Sequence[Mapping[str, object]],
+    keys: Sequence[str],
+    directions: Sequence[Direction] | None = None,
+) -> np.ndarray:
+    """(n_rows, n_keys) float matrix of `keys` taken from `rows`, in minimisation form.
+
+    `directions[i] == "max"` negates column i so every column is minimised. A missing
+    or non-numeric value becomes NaN (such rows are never non-dominated).
+    """
+    directions = list(directions) if directions is not None else ["min"] * len(keys)
+    if len(directions) != len(keys):
+        raise ValueError(f"got {len(directions)} directions for {len(keys)} objective keys")
+    bad = [d for d in directions if d not in ("min", "max")]
+    if bad:
+        raise ValueError(f"objective direction must be 'min' or 'max', got {bad}")
+    sign = np.array([-1.0 if d == "max" else 1.0 for d in directions])
+    values = np.array([[as_float(row.get(k)) for k in keys] for row in rows], dtype=float)
+    return values.reshape(len(rows), len(keys)) * sign
+
+
+def as_float(value: object) -> float:
+    """`value` as a float, NaN when it is missing or not a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return float("nan")
+    return float(value)
+
+
+def non_dominated(points: np.ndarray, eps: float | Sequence[float] | np.ndarray = 0.0) -> np.ndarray:
+    """Boolean mask of the ε-non-dominated subset of `points` (n, d), minimisation.
+
+    Definition (additive ε-dominance, Zitzler et al. 2003): q ε-dominates p when
+    q_i - eps_i <= p_i for every objective i. The kept set is built in two steps:
+
+    1. ordinary Pareto filter: p is dropped if some q has q <= p everywhere and
+       q < p somewhere;
+    2. ε-thinning: the survivors are visited in lexicographic order of their
+       objective vectors (ties by index) and p is dropped if an already kept q
+       ε-dominates it; with eps=0 this drops exactly the later copies of duplicates.
+
+    So every input point is ε-dominated by some kept point, and kept points never
+    dominate each other. eps=0 gives the ordinary Pareto set (one copy of each
+    duplicate). Rows containing NaN are never kept.
+    """
+    points = np.asarray(points, dtype=float)
+    if points.ndim != 2:
+        raise ValueError(f"points must be a 2-D array (n, d), got shape {points.shape}")
+    eps_vec = np.asarray(eps, dtype=float).ravel()
+    if eps_vec.size not in (1, points.shape[1]):
+        raise ValueError(f"eps has {eps_vec.size} values for {points.shape[1]} objectives")
+    eps_vec = np.broadcast_to(eps_vec, (points.shape[1],))
+    if np.any(eps_vec < 0):
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    keep = _pareto_mask(points)
+    kept: list[int] = []
+    for i in sorted(np.flatnonzero(keep), key=lambda j: tuple(points[j])):
+        if any(np.all(points[j] - eps_vec <= points[i]) for j in kept):
+            keep[i] = False
+        else:
+            kept.append(i)
+    return keep
+
+
+def _pareto_mask(points: np.ndarray) -> np.ndarray:
+    """Ordinary non-dominance mask (duplicates all kept); NaN rows dropped."""
+    finite = np.all(np.isfinite(points), axis=1)
+    keep = finite.copy()
+    others = points[finite]
+    for i in np.flatnonzero(finite):
+        weakly_better = np.all(others <= points[i], axis=1)
+        strictly_somewhere = np.any(others < points[i], axis=1)
+        if np.any(weakly_better & strictly_somewhere):
+            keep[i] = False
+    return keep
+
+
+def hypervolume(points: np.ndarray, ref: Sequence[float] | np.ndarray) -> float:
+    """Hypervolume (minimisation) dominated by `points` and bounded by `ref`.
+
+    Points that do not strictly dominate `ref` contribute nothing; NaN rows are
+    ignored; an empty set has hypervolume 0.
+    """
+    points = np.asarray(points, dtype=float)
+    ref = np.asarray(ref, dtype=float)
+    if points.ndim != 2 or points.shape[1] != ref.shape[0]:
+        raise ValueError(f"points of shape {points.shape} do not match ref of length {ref.shape[0]}")
+    inside = points[np.all(points < ref, axis=1)]
+    if len(inside) == 0:
+        return 0.0
+    return _hypervolume_backend(inside, ref)
+
+
+def _hypervolume_backend(points: np.ndarray, ref: np.ndarray) -> float:
+    """Exact hypervolume by moocore; pymoo when moocore is not installed."""
+    try:
+        import moocore
+    except ImportError:
+        from pymoo.indicators.hv import HV
+
+        return float(HV(ref_point=ref)(points))
+    return float(moocore.hypervolume(points, ref=ref))
