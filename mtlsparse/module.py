@@ -30,8 +30,8 @@ class NonFiniteLossError(FloatingPointError):
 class MultiTaskModule(L.LightningModule):
     """Trains `model` on all its tasks with `balancer`, sparsified by `method`.
 
-    `min_sparsity` gates checkpoint selection: epochs whose `sparsity/param` is below it
-    never count as best (GrOWL's s_min). `val/select` is the mean of the tasks' selection
+    `min_sparsity` (or the method's own, whichever is larger) gates checkpoint selection:
+    epochs whose `sparsity/param` is below it never count as best (GrOWL's s_min). `val/select` is the mean of the tasks' selection
     metrics (accuracy for classification), higher is better.
     """
 
@@ -72,6 +72,10 @@ class MultiTaskModule(L.LightningModule):
         penalty = self.method.penalty() if self.balancer.uses_penalty else None
         ctx = BalanceContext(self._shared_params, rep, self.global_step, self.current_epoch)
         loss = self.balancer(losses, penalty, ctx)
+        aux = self.model.auxiliary_loss()
+        if aux is not None:
+            loss = loss + aux
+            self.log("train/aux_loss", aux.detach(), on_step=False, on_epoch=True, batch_size=x.shape[0])
         if not torch.isfinite(loss):
             self._raise_non_finite(loss, losses, penalty)
         self.samples_seen += x.shape[0]
@@ -117,7 +121,8 @@ class MultiTaskModule(L.LightningModule):
         if split == "val":
             score = sum(selection) / len(selection)
             # below the sparsity floor an epoch can't be best; among such epochs the sparsest wins
-            values["val/select"] = score if sparsity["sparsity/param"] >= self.min_sparsity \
+            floor = max(self.min_sparsity, self.method.min_sparsity)
+            values["val/select"] = score if sparsity["sparsity/param"] >= floor \
                 else sparsity["sparsity/param"] - 1e3
         self.log_dict({**values, **sparsity}, prog_bar=False)
 

@@ -43,6 +43,10 @@ class MultiTaskModel(nn.Module):
         """Task output layers; never sparsified by default."""
         raise NotImplementedError
 
+    def auxiliary_loss(self) -> Tensor | None:
+        """Architecture-level loss of the last training forward (e.g. distillation), added unweighted."""
+        return None
+
 
 def flat_features(in_shape: Sequence[int], trunk: nn.Module) -> int:
     """Number of features `trunk` produces for one input of shape (C, H, W)."""

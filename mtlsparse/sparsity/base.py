@@ -25,6 +25,8 @@ class SparsityMethod(nn.Module):
     family = "dense"
     #: True when the structure the method creates is channel groups (drives export)
     structured = False
+    #: % sparsity/param an epoch needs to be selected as best checkpoint (GrOWL's s_min)
+    min_sparsity = 0.0
 
     def __init__(self, include_input_layers: bool = False, include_heads: bool = False) -> None:
         super().__init__()
