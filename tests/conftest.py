@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from mtlsparse.config import CONF_DIR, compose_config
+
 REPO = Path(__file__).resolve().parents[1]
 
 # a 2-step training on tiny procedural data: what every smoke test runs
@@ -27,8 +27,7 @@ TINY = [
 def compose_cfg(overrides: list[str], data_root: Path | None = None) -> DictConfig:
     """Compose `conf/config.yaml` with overrides, as `python -m mtlsparse` would."""
     extra = [f"data_root={data_root}"] if data_root is not None else []
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides + extra, return_hydra_config=True)
+    return compose_config(overrides + extra)
 
 
 @pytest.fixture
