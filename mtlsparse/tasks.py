@@ -22,6 +22,8 @@ class Task:
     name: str
     kind: str = "classification"
     num_classes: int = 10
+    #: targets equal to this are not this task's samples (e.g. CIFAR-100-20: other superclasses)
+    ignore_index: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
@@ -33,13 +35,17 @@ class Task:
         return self.num_classes
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        """Mean task loss of a batch."""
-        return F.cross_entropy(output, target)
+        """Mean task loss over the batch's valid targets (0 when the batch has none, never NaN)."""
+        if self.ignore_index is None:
+            return F.cross_entropy(output, target)
+        total = F.cross_entropy(output, target, ignore_index=self.ignore_index, reduction="sum")
+        return total / (target != self.ignore_index).sum().clamp_min(1)
 
     def metrics(self) -> torchmetrics.MetricCollection:
         """Fresh torchmetrics for this task (one collection per split)."""
         return torchmetrics.MetricCollection(
-            {"acc": torchmetrics.Accuracy(task="multiclass", num_classes=self.num_classes)}
+            {"acc": torchmetrics.Accuracy(task="multiclass", num_classes=self.num_classes,
+                                          ignore_index=self.ignore_index)}
         )
 
     @property

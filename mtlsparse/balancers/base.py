@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,6 +42,36 @@ def preference_weights(tasks: Sequence[str], k: Sequence[float] | None) -> list[
     return k
 
 
+class LossMeter:
+    """Running mean of detached task-loss vectors, averaged over DDP ranks when it is read.
+
+    Plain tensors, not module buffers: DDP broadcasts rank 0's buffers before every
+    forward, which would overwrite each rank's own sums. So a checkpoint does not hold a
+    partly filled window (with per-epoch updates the window is empty when Lightning saves).
+    """
+
+    def __init__(self, num_tasks: int) -> None:
+        self.total = torch.zeros(num_tasks)
+        self.count = 0
+
+    def add(self, losses: Tensor) -> None:
+        """Record one step's task losses."""
+        self.total = self.total.to(losses.device).add_(losses.detach().to(self.total.dtype))
+        self.count += 1
+
+    def pop_mean(self) -> Tensor | None:
+        """Mean over all recorded steps (of every rank), then reset; None if nothing was recorded.
+
+        Under DDP every rank must call this at the same point (it is a collective).
+        """
+        stats = torch.cat([self.total, self.total.new_tensor([self.count])])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+        self.total = torch.zeros_like(self.total)
+        self.count = 0
+        return stats[:-1] / stats[-1] if stats[-1] > 0 else None
+
+
 class Balancer(nn.Module):
     """Base class. `k0` weights the sparsity objective, `k` the tasks (DESIGN.md knobs)."""
 
@@ -54,6 +85,9 @@ class Balancer(nn.Module):
         self.tasks = list(tasks)
         self.k0 = float(k0)
         self.register_buffer("k", torch.tensor(preference_weights(self.tasks, k)), persistent=False)
+
+    def setup(self, model: nn.Module) -> None:
+        """Bind to the model before training (e.g. check it exposes a shared representation)."""
 
     @property
     def uses_penalty(self) -> bool:

@@ -138,6 +138,7 @@ def superclass_targets(fine: Tensor, mapping: SuperclassMapping) -> Tensor:
 
 
 def task_name(superclass: int) -> str:
+    """Name of the task of coarse label ``superclass``."""
     return f"c{superclass}"
 
 

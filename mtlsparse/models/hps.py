@@ -1,4 +1,4 @@
-"""Hard parameter sharing: one shared trunk, one linear head per task."""
+"""Hard parameter sharing: one shared trunk, one head per task."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -10,15 +10,14 @@ from mtlsparse.models.lenet import first_layer, lenet_trunk
 from mtlsparse.tasks import Task
 
 
-class HPS(MultiTaskModel):
-    """LeNet HPS of METHODS.md §1: Conv(10,k5)-pool-ReLU-Conv(20,k5)-pool-ReLU-FC(50)-ReLU + FC heads."""
+class SharedTrunkModel(MultiTaskModel):
+    """Hard parameter sharing around any trunk: `trunk(x)` features feed one head per task."""
 
-    def __init__(self, tasks: dict[str, Task], in_shape: Sequence[int], channels: Sequence[int] = (10, 20),
-                 hidden: int = 50, kernel_size: int = 5, batch_norm: bool = False) -> None:
+    def __init__(self, tasks: dict[str, Task], trunk: nn.Module, heads: dict[str, nn.Module]) -> None:
         super().__init__()
         self.tasks = dict(tasks)
-        self.trunk = lenet_trunk(in_shape, channels, hidden, kernel_size, batch_norm)
-        self.heads = nn.ModuleDict({name: nn.Linear(hidden, t.out_dim) for name, t in self.tasks.items()})
+        self.trunk = trunk
+        self.heads = nn.ModuleDict(heads)
 
     def shared_representation(self, x: Tensor) -> Tensor:
         """Trunk features z shared by all heads (MGDA-UB differentiates w.r.t. these)."""
@@ -45,3 +44,12 @@ class HPS(MultiTaskModel):
 
     def head_modules(self) -> Sequence[nn.Module]:
         return list(self.heads.values())
+
+
+class HPS(SharedTrunkModel):
+    """LeNet HPS of METHODS.md §1: Conv(10,k5)-pool-ReLU-Conv(20,k5)-pool-ReLU-FC(50)-ReLU + FC heads."""
+
+    def __init__(self, tasks: dict[str, Task], in_shape: Sequence[int], channels: Sequence[int] = (10, 20),
+                 hidden: int = 50, kernel_size: int = 5, batch_norm: bool = False) -> None:
+        trunk = lenet_trunk(in_shape, channels, hidden, kernel_size, batch_norm)
+        super().__init__(tasks, trunk, {name: nn.Linear(hidden, t.out_dim) for name, t in tasks.items()})
