@@ -43,6 +43,7 @@ class MultiTaskModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.min_sparsity = min_sparsity
         self.method.setup(model)
+        self.balancer.setup(model)
         self.tasks = model.tasks
         self.task_metrics = nn.ModuleDict(
             {split: nn.ModuleDict({name: t.metrics() for name, t in self.tasks.items()}) for split in EVAL_SPLITS})
@@ -120,10 +121,9 @@ class MultiTaskModule(L.LightningModule):
         sparsity = self.sparsity_summary()
         if split == "val":
             score = sum(selection) / len(selection)
-            # below the sparsity floor an epoch can't be best; among such epochs the sparsest wins
+            # below the sparsity floor an epoch can't beat one above it; closer to the floor ranks higher
             floor = max(self.min_sparsity, self.method.min_sparsity)
-            values["val/select"] = score if sparsity["sparsity/param"] >= floor \
-                else sparsity["sparsity/param"] - 1e3
+            values["val/select"] = score - 1e3 * max(0.0, floor - sparsity["sparsity/param"])
         self.log_dict({**values, **sparsity}, prog_bar=False)
 
     def on_validation_epoch_end(self) -> None:
