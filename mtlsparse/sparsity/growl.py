@@ -1,0 +1,194 @@
+"""GrOWL sparsification and parameter tying in two phases (MDMTN, Hotegni et al.; METHODS.md §1).
+
+Phase 1 (first M1·p epochs, M1 outer iterations of p epochs): the differentiable
+penalty λ·Σ_layers G_θ(W) is the sparsity objective L0 handed to the balancer, and at
+the end of every epoch each layer gets the exact GrOWL prox. Its step is the sum of the
+learning rates of the optimizer steps since the last prox, so the epoch-end prox is
+the lazy form of proximal SGD on Σ k_t L_t + λ·G_θ (the same λ convention as `l1` and
+`group_lasso`). At outer iteration j a layer may have at most ⌊j·s_lmax/M1 · #rows⌋
+zero rows; past that cap the rows with the smallest norms stay zero and the others
+get their pre-prox values back (as the reference code does).
+
+Phase 2: at the end of phase 1 the non-zero rows of each layer are clustered by
+affinity propagation and tied (each cluster's rows replaced by their mean); from then
+on the zero rows stay exactly zero after every optimizer step and the rows are tied
+again after every epoch, so every model after phase 1 is sparse and tied. Phase and
+iteration follow from the epoch number; the clusters and the pending prox step are
+buffers, so checkpoints and resumed runs carry them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from mtlsparse.models.base import MultiTaskModel
+from mtlsparse.sparsity.base import SparsityMethod, param_state
+from mtlsparse.sparsity.layers import PrunableLayer, group_norms, group_shape
+from mtlsparse.sparsity.owl import cap_zero_rows_, growl_prox_, owl_value, spike_weights
+from mtlsparse.sparsity.tying import ZERO_ROW, cluster_rows, tie_rows_, zero_rows_
+
+if TYPE_CHECKING:  # pragma: no cover
+    import lightning as L
+
+log = logging.getLogger(__name__)
+
+
+def cluster_buffer_name(layer_name: str) -> str:
+    """Buffer name holding a layer's cluster ids ('.' is not allowed in buffer names)."""
+    return "clusters_" + layer_name.replace(".", "_")
+
+
+class GrOWL(SparsityMethod):
+    """GrOWL-Spike prox with a growing per-layer cap (phase 1), then affinity-propagation tying (phase 2)."""
+
+    family = "prox"
+    structured = True
+
+    def __init__(self, lam: float = 1.0, beta1: float = 0.8, beta2: float = 0.2, epochs_per_iteration: int = 3,
+                 phase1_iterations: int = 3, phase2_iterations: int = 10, s_lmax: float = 0.8, s_min: float = 0.2,
+                 preference: float = 0.7, include_input_layers: bool = False, include_heads: bool = False) -> None:
+        super().__init__(include_input_layers, include_heads)
+        for key, value, ok, allowed in (
+                ("lam", lam, lam >= 0, ">= 0"), ("beta1", beta1, beta1 >= 0, ">= 0"),
+                ("beta2", beta2, beta2 >= 0, ">= 0"),
+                ("epochs_per_iteration", epochs_per_iteration, epochs_per_iteration >= 1, ">= 1"),
+                ("phase1_iterations", phase1_iterations, phase1_iterations >= 1, ">= 1"),
+                ("phase2_iterations", phase2_iterations, phase2_iterations >= 0, ">= 0"),
+                ("s_lmax", s_lmax, 0 <= s_lmax <= 1, "in [0, 1]"), ("s_min", s_min, 0 <= s_min < 1, "in [0, 1)"),
+                ("preference", preference, math.isfinite(preference), "finite")):
+            if not ok:
+                raise ValueError(f"method.{key} must be {allowed}, got {value}")
+        self.lam, self.beta1, self.beta2 = float(lam), float(beta1), float(beta2)
+        self.epochs_per_iteration = epochs_per_iteration
+        self.phase1_iterations, self.phase2_iterations = phase1_iterations, phase2_iterations
+        self.s_lmax, self.s_min, self.preference = float(s_lmax), float(s_min), float(preference)
+        self.register_buffer("tied", torch.tensor(False))
+
+    def setup(self, model: MultiTaskModel) -> None:
+        super().setup(model)
+        names = [cluster_buffer_name(layer.name) for layer in self.layers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"GrOWL: layer names collide as buffer names: {names}")
+        self.register_buffer("prox_step", torch.zeros(len(self.layers)))
+        for name, layer in zip(names, self.layers):
+            self.register_buffer(name, torch.full((layer.num_groups,), ZERO_ROW, dtype=torch.long))
+
+    @property
+    def min_sparsity(self) -> float:
+        """Checkpoint floor (% sparsity/param): 100·s_min for tied models.
+
+        While phase 2 is still to come the floor is 100%, which no epoch reaches, so the
+        selected model is a tied one, the output of the paper's Algorithm 1 (the sparsest
+        wins meanwhile).
+        """
+        return 100.0 * self.s_min if (self.tied or self.phase2_iterations == 0) else 100.0
+
+    # ------------------------------------------------------------ schedule
+    @property
+    def phase1_epochs(self) -> int:
+        return self.phase1_iterations * self.epochs_per_iteration
+
+    @property
+    def total_epochs(self) -> int:
+        """The recipe's epoch budget (M1 + M2)·p."""
+        return (self.phase1_iterations + self.phase2_iterations) * self.epochs_per_iteration
+
+    def phase(self, epoch: int) -> int:
+        """1 (sparsify) for the first M1·p epochs, 2 (tie) after."""
+        return 1 if epoch < self.phase1_epochs else 2
+
+    def iteration(self, epoch: int) -> int:
+        """1-based outer iteration within the epoch's phase."""
+        start = 0 if self.phase(epoch) == 1 else self.phase1_epochs
+        return (epoch - start) // self.epochs_per_iteration + 1
+
+    def cap(self, epoch: int) -> float:
+        """Max fraction of zero rows per layer: j·s_lmax/M1 at phase-1 iteration j, s_lmax after."""
+        j = self.iteration(epoch) if self.phase(epoch) == 1 else self.phase1_iterations
+        return j * self.s_lmax / self.phase1_iterations
+
+    # ------------------------------------------------------------ hooks
+    def theta(self, layer: PrunableLayer) -> Tensor:
+        """λ-scaled GrOWL-Spike weights for one layer's rows."""
+        return (self.lam * spike_weights(layer.num_groups, self.beta1, self.beta2)).to(layer.weight)
+
+    def penalty(self) -> Tensor | None:
+        return sum(owl_value(group_norms(layer.weight), self.theta(layer)) for layer in self.layers)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Phase 1: add this step's lr to the pending prox step. Phase 2: re-zero the fixed zero rows."""
+        if self.tied:
+            for layer in self.layers:
+                zero_rows_(layer.weight, self._ids(layer))
+            return
+        state = param_state(optimizer)
+        self.prox_step += torch.tensor([state[id(layer.weight)][0]["lr"] for layer in self.layers]).to(self.prox_step)
+
+    def on_fit_start(self, module: L.LightningModule) -> None:
+        """Warn when the trainer's epochs or the balancer's outer iterations disagree with the recipe."""
+        max_epochs = module.trainer.max_epochs
+        if max_epochs != self.total_epochs:
+            log.warning("GrOWL recipe is (%d + %d) iterations × %d epochs = %d epochs but trainer.max_epochs=%s: "
+                        "phase 2 starts after epoch %d and lasts until training stops", self.phase1_iterations,
+                        self.phase2_iterations, self.epochs_per_iteration, self.total_epochs, max_epochs,
+                        self.phase1_epochs)
+        balancer_p = getattr(module.balancer, "epochs_per_iteration", self.epochs_per_iteration)
+        if balancer_p != self.epochs_per_iteration:
+            log.warning("GrOWL iterations last method.epochs_per_iteration=%d epochs but the balancer's last %d",
+                        self.epochs_per_iteration, balancer_p)
+
+    def on_train_epoch_end(self, module: L.LightningModule) -> None:
+        """Phase 1: prox + cap (then cluster and tie after its last epoch). Phase 2: tie."""
+        epoch = module.current_epoch
+        if self.phase(epoch) == 1:
+            self._prox(self.cap(epoch))
+        if epoch + 1 >= self.phase1_epochs:
+            starting_phase2 = not bool(self.tied)
+            self._tie()
+            reset = getattr(module.balancer, "reset_multipliers", None)
+            if starting_phase2 and reset is not None:
+                reset()  # Algorithm 1 restarts the augmented Lagrangian for phase 2
+        module.log_dict({"growl/phase": float(self.phase(epoch)), "growl/iteration": float(self.iteration(epoch)),
+                         "growl/cap": self.cap(epoch)})
+
+    def masks(self) -> dict[str, Tensor] | None:
+        """Support of the non-zero rows, broadcast to each weight's shape (phase 2 only)."""
+        if not self.tied:
+            return None
+        return {layer.name: (self._ids(layer) != ZERO_ROW).view(group_shape(layer.weight)).expand_as(layer.weight)
+                for layer in self.layers}
+
+    def clusters(self) -> dict[str, Tensor] | None:
+        """Cluster ids per layer (−1: zero row) once phase 2 has fixed them, else None."""
+        if not self.tied:
+            return None
+        return {layer.name: self._ids(layer) for layer in self.layers}
+
+    # ------------------------------------------------------------ steps
+    def _ids(self, layer: PrunableLayer) -> Tensor:
+        return getattr(self, cluster_buffer_name(layer.name))
+
+    @torch.no_grad()
+    def _prox(self, cap: float) -> None:
+        """GrOWL prox of step Σ lr (since the last prox) on every layer, then the per-layer zero-row cap."""
+        for step, layer in zip(self.prox_step.tolist(), self.layers):
+            if step == 0:
+                continue
+            before = layer.weight.detach().clone()
+            growl_prox_(layer.weight, step * self.theta(layer))
+            cap_zero_rows_(layer.weight, before, math.floor(cap * layer.num_groups + 1e-9))  # guard j·s/M1 round-off
+        self.prox_step.zero_()
+
+    @torch.no_grad()
+    def _tie(self) -> None:
+        """Share one value per cluster; the first call fixes the support and the clusters."""
+        for layer in self.layers:
+            if not self.tied:
+                self._ids(layer).copy_(cluster_rows(layer.weight, self.preference, layer.name))
+            tie_rows_(layer.weight, self._ids(layer))
+        self.tied.fill_(True)

@@ -1,0 +1,266 @@
+"""GrOWL (MDMTN): exact prox, penalty, per-layer cap, AP tying on a fixed support, the
+two-phase schedule, the config (Chebyshev by default) and a tiny two-phase training."""
+from __future__ import annotations
+
+import logging
+from functools import partial
+from types import SimpleNamespace
+
+import pytest
+import torch
+from sklearn.cluster import AffinityPropagation
+
+from conftest import compose_cfg
+from mtlsparse import train
+from mtlsparse.config import ConfigError
+from mtlsparse.models import HPS
+from mtlsparse.sparsity import tying
+from mtlsparse.sparsity.growl import GrOWL, cluster_buffer_name
+from mtlsparse.sparsity.layers import group_norms, group_view
+from mtlsparse.sparsity.owl import cap_zero_rows_, growl_prox_, owl_prox, owl_value, spike_weights
+from mtlsparse.sparsity.tying import cluster_rows, tie_rows_
+from mtlsparse.tasks import Task
+
+
+def growl_objective(w: torch.Tensor, z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """½‖W − Z‖² + G_θ(W), the function the prox minimises."""
+    return 0.5 * ((w - z) ** 2).sum() + owl_value(group_norms(w), theta)
+
+
+def fake_module(epoch: int) -> SimpleNamespace:
+    """What GrOWL's epoch-end hook reads from the LightningModule."""
+    return SimpleNamespace(current_epoch=epoch, log_dict=lambda *args, **kwargs: None)
+
+
+def tiny_hps() -> HPS:
+    """HPS on 16×16 inputs: GrOWL layers trunk.3 (conv, 10 rows) and trunk.7 (linear, 20 rows)."""
+    torch.manual_seed(0)
+    return HPS({"a": Task("a", num_classes=3)}, in_shape=(1, 16, 16))
+
+
+def bound_growl(**kwargs) -> GrOWL:
+    method = GrOWL(**kwargs)
+    method.setup(tiny_hps())
+    return method
+
+
+# ------------------------------------------------------------------ OWL / GrOWL prox
+def test_owl_prox_with_equal_weights_is_soft_thresholding_of_the_norms():
+    v = torch.tensor([3.0, 0.5, 2.0, 1.0])
+    assert torch.equal(owl_prox(v, torch.ones(4)), torch.tensor([2.0, 0.0, 1.0, 0.0]))
+
+
+def test_owl_prox_pools_violators_and_keeps_the_input_order():
+    # sorted v − θ = [3 − 1, 2.9 − .2, 1 − .2, .1 − .2] = [2, 2.7, .8, −.1]: PAVA pools the first two (2.35)
+    v = torch.tensor([2.9, 0.1, 3.0, 1.0], dtype=torch.float64)
+    theta = spike_weights(4, 0.8, 0.2).double()
+    torch.testing.assert_close(owl_prox(v, theta), torch.tensor([2.35, 0.0, 2.35, 0.8], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("second", [-0.9, -0.4, -0.2])  # norms pooled / shrunk apart / second row zeroed
+def test_growl_prox_matches_a_grid_search_on_two_scalar_rows(second):
+    z = torch.tensor([[1.3, second]], dtype=torch.float64)  # Linear (out=1, in=2): two rows of one weight
+    theta = torch.tensor([0.7, 0.3], dtype=torch.float64)
+    prox = growl_prox_(z.clone(), theta)
+    best = z.clone()
+    for span, step in ((3.0, 1e-2), (2e-2, 1e-4)):  # coarse grid, then a fine one around its minimum
+        axis = torch.arange(-span, span + step / 2, step, dtype=torch.float64)
+        a, b = torch.meshgrid(best[0, 0] + axis, best[0, 1] + axis, indexing="ij")
+        norms = torch.stack([a.abs(), b.abs()])
+        values = 0.5 * ((a - z[0, 0]) ** 2 + (b - z[0, 1]) ** 2) + theta[0] * norms.max(0).values \
+            + theta[1] * norms.min(0).values
+        i = int(values.argmin())
+        best = torch.stack([a.flatten()[i], b.flatten()[i]]).view(1, 2)
+    torch.testing.assert_close(prox, best, atol=2e-4, rtol=0)
+    assert growl_objective(prox, z, theta) <= growl_objective(best, z, theta) + 1e-12
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_growl_prox_matches_numeric_minimisation(seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(3, 5, generator=g, dtype=torch.float64)  # 5 rows of 3 weights
+    z[:, 1] *= 0.05  # one small row that the prox must zero
+    theta = 1.5 * spike_weights(5, 0.8, 0.2).double()
+    prox = growl_prox_(z.clone(), theta)
+    assert group_norms(prox)[1] == 0 and (group_norms(prox) > 0).sum() >= 3
+    # subgradient descent with steps 1/k on the 1-strongly convex objective; keep the best iterate
+    w, best, best_value = z.clone(), z.clone(), growl_objective(z, z, theta)
+    for k in range(1, 2001):
+        w.requires_grad_(True)
+        value = growl_objective(w, z, theta)
+        (grad,) = torch.autograd.grad(value, w)
+        if value < best_value:
+            best, best_value = w.detach().clone(), value.detach()
+        w = (w - grad / k).detach()
+    assert growl_objective(prox, z, theta) <= best_value + 1e-12
+    assert (prox - best).norm() < 1e-3
+
+
+def test_growl_rows_are_input_channels_of_a_conv():
+    w = torch.ones(2, 3, 1, 1)
+    w[:, 1] = 0.01  # input channel 1: W[:, 1, :, :]; weight.view(3, -1) would mix it with channels 0 and 2
+    theta = spike_weights(3, 0.8, 0.2)
+    expected = (0.8 + 0.2) * 2**0.5 + 0.2 * 2**0.5 + 0.2 * 0.01 * 2**0.5
+    torch.testing.assert_close(owl_value(group_norms(w), theta), torch.tensor(expected))
+    growl_prox_(w, theta)
+    assert torch.all(w[:, 1] == 0) and torch.all(w[:, [0, 2]] != 0)
+
+
+def test_cap_keeps_only_the_smallest_rows_zero_and_restores_the_others():
+    before = torch.arange(1.0, 11.0).repeat(4, 1)  # Linear (4, 10): row i has norm 2·(i+1)
+    weight = before.clone()
+    growl_prox_(weight, torch.full((10,), 15.0))  # would zero rows 0..6
+    assert int((group_norms(weight) == 0).sum()) == 7
+    cap_zero_rows_(weight, before, max_zero=3)
+    zero = group_norms(weight) == 0
+    assert torch.equal(torch.nonzero(zero).flatten(), torch.tensor([0, 1, 2]))
+    assert torch.equal(weight[:, 3:7], before[:, 3:7])  # restored to their pre-prox values
+
+
+def test_penalty_is_the_growl_value_and_differentiable():
+    method = bound_growl(lam=0.5)
+    expected = 0.0
+    for layer in method.layers:
+        norms = sorted(group_norms(layer.weight.detach()).tolist(), reverse=True)
+        expected += 0.5 * ((0.8 + 0.2) * norms[0] + 0.2 * sum(norms[1:]))
+    penalty = method.penalty()
+    torch.testing.assert_close(penalty, torch.tensor(expected))
+    penalty.backward()
+    fc = method.layers[1].weight
+    norms = group_norms(fc.detach())
+    top = int(norms.argmax())
+    other = (top + 1) % len(norms)
+    torch.testing.assert_close(fc.grad[:, top], 0.5 * 1.0 * fc.detach()[:, top] / norms[top])
+    torch.testing.assert_close(fc.grad[:, other], 0.5 * 0.2 * fc.detach()[:, other] / norms[other])
+
+
+# ------------------------------------------------------------------ the two phases
+def test_schedule_cap_and_checkpoint_floor_follow_the_epoch():
+    method = GrOWL(epochs_per_iteration=3, phase1_iterations=3, phase2_iterations=10, s_lmax=0.6, s_min=0.2)
+    assert [method.phase(e) for e in (0, 8, 9, 38)] == [1, 1, 2, 2]
+    assert [method.iteration(e) for e in (0, 2, 3, 8, 9, 12)] == [1, 1, 2, 3, 1, 2]
+    assert [round(method.cap(e), 6) for e in (0, 3, 6, 9)] == [0.2, 0.4, 0.6, 0.6]
+    assert method.total_epochs == 39
+    assert method.min_sparsity == float("inf")  # untied phase-1 models are never "best" when phase 2 follows
+    method.tied.fill_(True)
+    assert method.min_sparsity == pytest.approx(20.0)
+    assert GrOWL(phase2_iterations=0, s_min=0.1).min_sparsity == pytest.approx(10.0)
+
+
+def test_epoch_end_prox_respects_the_growing_cap():
+    method = bound_growl(lam=1e4, epochs_per_iteration=1, phase1_iterations=3, s_lmax=0.6)
+    optimizer = torch.optim.SGD([p for layer in method.layers for p in layer.module.parameters()], lr=1e-3)
+    for epoch, cap in ((0, 0.2), (1, 0.4)):
+        norms = {layer.name: group_norms(layer.weight.detach()) for layer in method.layers}
+        method.after_optimizer_step(optimizer)
+        method.on_train_epoch_end(fake_module(epoch))
+        for layer in method.layers:
+            zero = group_norms(layer.weight) == 0
+            allowed = int(cap * layer.num_groups + 1e-9)
+            assert int(zero.sum()) == allowed  # λ is huge: the prox alone would zero every row
+            smallest = torch.argsort(norms[layer.name])[:allowed]
+            assert torch.equal(torch.nonzero(zero).flatten(), smallest.sort().values)
+    assert not method.tied and method.masks() is None
+
+
+def test_cluster_rows_groups_similar_rows_and_marks_zero_rows():
+    a, b = torch.tensor([1.0, 2.0, 0.0, 1.0]), torch.tensor([0.0, -1.0, 3.0, 0.5])
+    w = torch.stack([a, 1.01 * a, torch.zeros(4), b, 0.99 * b, a + 0.01], dim=1)  # Linear (4, 6)
+    ids = cluster_rows(w, preference=0.7)
+    assert ids[2] == -1
+    assert ids[0] == ids[1] == ids[5] and ids[3] == ids[4] and ids[0] != ids[3]
+    tie_rows_(w, ids)
+    rows = group_view(w)
+    assert torch.equal(rows[0], rows[1]) and torch.equal(rows[0], rows[5]) and torch.equal(rows[3], rows[4])
+    torch.testing.assert_close(rows[3], (b + 0.99 * b) / 2)
+    assert torch.all(rows[2] == 0)
+
+
+def test_affinity_propagation_failure_falls_back_to_one_cluster_per_row(monkeypatch, caplog):
+    monkeypatch.setattr(tying, "AffinityPropagation", partial(AffinityPropagation, max_iter=1))
+    w = torch.randn(4, 5)
+    w[:, 0] = 0
+    with caplog.at_level(logging.WARNING):
+        ids = cluster_rows(w, preference=0.7, name="trunk.7")
+    assert torch.equal(ids, torch.tensor([-1, 0, 1, 2, 3]))
+    assert "did not converge on layer 'trunk.7'" in caplog.text
+
+
+def test_phase_two_ties_rows_and_keeps_zero_rows_zero_after_optimizer_steps():
+    method = bound_growl(lam=1e4, epochs_per_iteration=1, phase1_iterations=1, s_lmax=0.5, preference=-1.0)
+    model_params = [p for layer in method.layers for p in layer.module.parameters()]
+    optimizer = torch.optim.Adam(model_params, lr=0.1)
+    method.after_optimizer_step(optimizer)
+    method.on_train_epoch_end(fake_module(0))  # last phase-1 epoch: prox, cap, cluster, tie
+    assert method.tied and method.masks() is not None
+    for _ in range(3):  # gradients reach every row; the fixed support must survive each step
+        optimizer.zero_grad()
+        sum((layer.weight ** 2).sum() + layer.weight.sum() for layer in method.layers).backward()
+        optimizer.step()
+        method.after_optimizer_step(optimizer)
+        for layer, mask in zip(method.layers, method.masks().values()):
+            assert torch.all(layer.weight[~mask] == 0) and (~mask).any() and layer.weight[mask].abs().min() > 0
+    method.on_train_epoch_end(fake_module(1))  # phase 2 epoch end: tie again
+    for layer, ids in zip(method.layers, method.clusters().values()):
+        rows = group_view(layer.weight.detach())
+        assert 0 < int((ids >= 0).sum()) and int(ids.max()) + 1 < int((ids >= 0).sum())  # some rows share
+        for c in ids.unique():
+            members = rows[ids == c]
+            assert torch.all(members == members[0]) and (c >= 0 or torch.all(members == 0))
+
+
+def test_clusters_live_in_the_state_dict():
+    method = bound_growl(epochs_per_iteration=1, phase1_iterations=1)
+    method.on_train_epoch_end(fake_module(0))
+    restored = bound_growl(epochs_per_iteration=1, phase1_iterations=1)
+    restored.load_state_dict(method.state_dict())
+    assert restored.tied and cluster_buffer_name("trunk.7") == "clusters_trunk_7"
+    for name, ids in method.clusters().items():
+        assert torch.equal(restored.clusters()[name], ids)
+
+
+# ------------------------------------------------------------------ config and training
+def test_growl_selects_the_chebyshev_balancer_unless_one_is_given():
+    cfg = compose_cfg(["method=growl"])
+    assert cfg.hydra.runtime.choices.balancer == "chebyshev"
+    assert cfg.balancer._target_.endswith("Chebyshev")
+    assert cfg.method.epochs_per_iteration == cfg.balancer.epochs_per_iteration == 3
+    for overrides in (["method=growl", "balancer=linear"], ["balancer=linear", "method=growl"]):
+        cfg = compose_cfg(overrides)
+        assert cfg.hydra.runtime.choices.balancer == "linear" and cfg.method.epochs_per_iteration == 3
+
+
+def test_growl_default_budget_is_the_whole_recipe():
+    cfg = compose_cfg(["method=growl"])
+    m = cfg.method
+    assert cfg.trainer.max_epochs == (m.phase1_iterations + m.phase2_iterations) * m.epochs_per_iteration == 39
+
+
+def test_bad_growl_values_fail_with_the_key(tiny_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"method.s_lmax must be in \[0, 1\], got 1.5"):
+        train.run(tiny_cfg("method=growl", "method.s_lmax=1.5"), tmp_path)
+
+
+def test_two_phase_training_prunes_and_ties(tiny_cfg, tmp_path, monkeypatch):
+    original, built = train.build_module, []
+
+    def keep_module(*args):
+        built.append(original(*args))
+        return built[-1]
+
+    monkeypatch.setattr(train, "build_module", keep_module)
+    cfg = tiny_cfg("method=growl", "k0=1e-3", "balancer.epochs_per_iteration=1", "method.phase1_iterations=1",
+                   "method.phase2_iterations=1", "trainer.max_epochs=2", "method.lam=2000",
+                   "method.preference=-1", "test_ckpt=last")
+    metrics = train.run(cfg, tmp_path)
+    assert metrics["sparsity/sr"] > 0 and metrics["sparsity/cr"] > 1 and metrics["sparsity/ps"] > 1
+    assert metrics["sparsity/param"] >= 20
+    method = built[0].method
+    assert method.tied
+    for layer in method.layers:
+        rows, ids = group_view(layer.weight.detach()), method.clusters()[layer.name]
+        for c in ids.unique():
+            members = rows[ids == c]
+            assert torch.all(members == members[0]) and (c >= 0 or torch.all(members == 0))
+    best = torch.load(next((tmp_path / "checkpoints").glob("best-*.ckpt")), weights_only=False)["state_dict"]
+    assert best["method.tied"]  # only tied (post-phase-1) models are selected
