@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtlsparse.config import apply_preference, build, check_task_count, validate_knobs
 from mtlsparse.io import write_json
 from mtlsparse.metrics.sparsity import matrix_weights, param_counts, row_metrics
+from mtlsparse.sparsity.mask_analysis import write_mask_report
 from mtlsparse.module import MultiTaskModule
 
 log = logging.getLogger("mtlsparse")
@@ -59,7 +60,8 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> MultiTas
 def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ModelCheckpoint]:
     """Lightning Trainer from `cfg.trainer`, with checkpointing, CSV logs and a rich progress bar."""
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor="val/select", mode="max",
-                                 save_top_k=1, save_last=True, filename="best-{epoch}")
+                                 save_top_k=1, save_last=True, filename="best-epoch{epoch:03d}",
+                                 auto_insert_metric_name=False)
     callbacks: list[L.Callback] = [checkpoint]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar(leave=False))
@@ -113,6 +115,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     metrics = final_metrics(cfg, module, test_results, train_s)
     metrics["checkpoint/tested"] = Path(ckpt).name if ckpt else "last"
     if trainer.is_global_zero:
+        write_mask_report(module.method, run_dir)  # per-layer IoU of task masks, for methods that keep them
         write_json(run_dir / "metrics.json", metrics)
         log.info("%s → %s", summary_line(metrics), run_dir / "metrics.json")
     return metrics
