@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig
 
-from mtlsparse.config import CONF_DIR, compose_config
+from mtlsparse.config import compose_config
+from mtlsparse.data.synthetic import Synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,3 +37,11 @@ def tiny_cfg(tmp_path):
     def make(*overrides: str) -> DictConfig:
         return compose_cfg(TINY + list(overrides), data_root=tmp_path / "data")
     return make
+
+
+@pytest.fixture(scope="module")
+def datamodule(tmp_path_factory):
+    """Tiny synthetic data, set up, for the sparsity methods that read training batches."""
+    dm = Synthetic(root=str(tmp_path_factory.mktemp("data")), batch_size=32)
+    dm.setup()
+    return dm

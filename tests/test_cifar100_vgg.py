@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,35 +14,7 @@ from mtlsparse.models.vgg import VGG16MT
 from mtlsparse.sparsity.layers import prunable_layers
 from mtlsparse.tasks import Task
 
-
-# ------------------------------------------------------------------ fake CIFAR-100
-def _pickle(path: Path, obj: dict, key: Callable[[str], str | bytes]) -> None:
-    with open(path, "wb") as f:
-        pickle.dump({key(k): v for k, v in obj.items()}, f, protocol=2)
-
-
-def write_fake_cifar100(root: Path, n_train: int = 200, n_test: int = 100,
-                        key: Callable[[str], str | bytes] = str.encode) -> np.ndarray:
-    """Random images whose fine labels cycle through 0..99, under a made-up 20×5 superclass mapping.
-
-    Returns the mapping (superclass of each fine label); ``key`` makes bytes (b'data') or str keys.
-    """
-    rng = np.random.default_rng(0)
-    superclass_of_fine = rng.permutation(100) // 5  # not fine // 5: the loader must derive it
-    directory = root / "cifar-100-python"
-    directory.mkdir(parents=True)
-    for name, n in (("train", n_train), ("test", n_test)):
-        fine = np.arange(n) % 100
-        _pickle(directory / name, {
-            "filenames": [f"{name}_{i}.png" for i in range(n)],
-            "batch_label": f"{name} batch",
-            "fine_labels": fine.tolist(),
-            "coarse_labels": superclass_of_fine[fine].tolist(),
-            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-        }, key)
-    _pickle(directory / "meta", {"fine_label_names": [f"fine{f}" for f in range(100)],
-                                 "coarse_label_names": [f"super{k}" for k in range(20)]}, key)
-    return superclass_of_fine
+from fakes import write_fake_cifar100
 
 
 @pytest.mark.parametrize("key", [str.encode, str], ids=["bytes_keys", "str_keys"])

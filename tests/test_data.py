@@ -20,31 +20,10 @@ from mtlsparse.data.idx import IdxFormatError, read_idx, write_idx
 from mtlsparse.data.pairs import paste_max
 from mtlsparse.data.sources import FILE_NAMES, SOURCES, load_source
 
+from fakes import N_TRAIN, write_fake_source
+
 CONF_DATASET = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
-N_TRAIN, N_TEST = 200, 50
-
-
-def fake_items(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """28x28 uint8 images with a bright bar at a label-dependent row over low noise."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(10, (n,), generator=g, dtype=torch.uint8)
-    images = torch.randint(0, 60, (n, 28, 28), generator=g, dtype=torch.uint8)
-    for k, label in enumerate(labels.tolist()):
-        images[k, 2 + 2 * label : 4 + 2 * label, 4:24] = 200 + k % 50
-    return images, labels
-
-
-def write_fake_source(directory: Path, seed: int, gz: bool = True) -> dict[str, torch.Tensor]:
-    """Write the four MNIST-format files to ``directory``; return what was written."""
-    directory.mkdir(parents=True, exist_ok=True)
-    suffix = ".gz" if gz else ""
-    train_x, train_y = fake_items(N_TRAIN, seed)
-    test_x, test_y = fake_items(N_TEST, seed + 1)
-    written = dict(zip(FILE_NAMES, (train_x, train_y, test_x, test_y)))
-    for name, tensor in written.items():
-        write_idx(directory / f"{name}{suffix}", tensor)
-    return written
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from test_masks import attach, datamodule, fake_module, train_steps  # noqa: F401 (fixture)
+from test_masks import attach, fake_module, train_steps
 from mtlsparse.sparsity.dst import SET, DiSparseDynamic, MinMaxDST, RigL, drop_smallest
 from mtlsparse.sparsity.masks import mask_of
 from mtlsparse.train import run

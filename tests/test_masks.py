@@ -36,14 +36,6 @@ def attach(method, model=None):
     return method, model
 
 
-@pytest.fixture(scope="module")
-def datamodule(tmp_path_factory):
-    """Tiny synthetic data, set up, for the methods that read training batches."""
-    dm = Synthetic(root=str(tmp_path_factory.mktemp("data")), batch_size=32)
-    dm.setup()
-    return dm
-
-
 class FakeModule(SimpleNamespace):
     """A namespace that, like a LightningModule, can be weakly referenced."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_masks import TASKS, attach, datamodule, fake_module, train_steps  # noqa: F401 (fixture)
+from test_masks import TASKS, attach, fake_module, train_steps
 from mtlsparse.sparsity.allocation import union_topk
 from mtlsparse.sparsity.magnitude import Magnitude
 from mtlsparse.sparsity.masks import mask_of

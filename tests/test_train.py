@@ -12,8 +12,9 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from conftest import CONF_DIR, REPO, compose_cfg, TINY
-from mtlsparse.config import ConfigError
+from conftest import REPO, TINY, compose_cfg
+from fakes import write_fake_cifar100, write_fake_source
+from mtlsparse.config import CONF_DIR, ConfigError
 from mtlsparse.train import run
 
 GROUPS_RUN_IN_PROCESS = ("model", "balancer", "method", "optimizer", "scheduler")
@@ -41,6 +42,32 @@ def test_every_group_option_trains_two_steps(tiny_cfg, tmp_path, group, option):
         assert key in saved, key
     assert saved[f"config/{group}"] == option if f"config/{group}" in saved else True
     assert 0 <= saved["test/mean_acc"] <= 1
+
+
+# small builds so each dataset's 2-step run is quick; files come from fakes in the real formats
+DATASET_EXTRA = {"multi_fashion": ["dataset.train_pairs=256", "dataset.test_pairs=64"],
+                 "multi_mnist": ["dataset.train_pairs=256", "dataset.test_pairs=64"],
+                 "multi_fashion_mnist": ["dataset.train_pairs=256", "dataset.test_pairs=64"],
+                 "multi_digits": ["dataset.train_pairs=256", "dataset.test_pairs=64", "model.kernel_size=3"]}
+
+
+@pytest.fixture(scope="module")
+def fake_data_root(tmp_path_factory) -> Path:
+    """A data root with fake Fashion-MNIST, MNIST (IDX) and CIFAR-100 (pickles) in torchvision's layouts."""
+    root = tmp_path_factory.mktemp("fake_data")
+    write_fake_source(root / "FashionMNIST" / "raw", seed=1)
+    write_fake_source(root / "MNIST" / "raw", seed=2)
+    write_fake_cifar100(root)
+    return root
+
+
+@pytest.mark.parametrize("option", options("dataset"))
+def test_every_dataset_option_trains_two_steps(fake_data_root, tmp_path, option):
+    cfg = compose_cfg(TINY + [f"dataset={option}", *DATASET_EXTRA.get(option, [])], data_root=fake_data_root)
+    metrics = run(cfg, tmp_path)
+    assert metrics["config/dataset"] == option
+    tasks = {k.split("/")[1] for k in metrics if k.startswith("test/") and k.endswith("/acc")}
+    assert len(tasks) == (20 if option == "cifar100_20" else 2)
 
 
 @pytest.mark.parametrize("option", ["cpu", "default"])
@@ -96,6 +123,7 @@ def test_pref_sets_k0_and_k(tiny_cfg, tmp_path):
     ("test_ckpt=worst", "test_ckpt must be one of ['best', 'last']"),
     ("+method.foo=1", "unknown key 'method.foo'"),
     ("method=group_lasso method.prox=newton", "method.prox must be one of ('plain', 'adam')"),
+    ("dataset=multi_digits", "set model.kernel_size=3"),
 ])
 def test_bad_config_values_fail_with_a_message_naming_the_key(tiny_cfg, tmp_path, override, message):
     with pytest.raises(ConfigError) as err:

@@ -16,8 +16,12 @@ def lenet_trunk(in_shape: Sequence[int], channels: Sequence[int] = (10, 20), hid
     36×36 and small (e.g. 12×12 digits) inputs; `kernel_size` shrinks for tiny images.
     """
     layers: list[nn.Module] = []
-    c_in = in_shape[0]
+    c_in, size = in_shape[0], min(in_shape[1:])
     for c_out in channels:
+        if size < kernel_size + 1:
+            raise ValueError(f"{in_shape[1]}x{in_shape[2]} inputs are too small for {len(channels)} conv blocks with "
+                             f"kernel_size={kernel_size}: set model.kernel_size=3 (e.g. for dataset=multi_digits)")
+        size = (size - kernel_size + 1) // 2
         layers += [nn.Conv2d(c_in, c_out, kernel_size)]
         if batch_norm:
             layers += [nn.BatchNorm2d(c_out)]
