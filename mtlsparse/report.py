@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from mtlsparse import pareto
 
@@ -295,6 +296,8 @@ def plot_knob(path: Path, rows: Sequence[Row], knob: str, metrics: Sequence[str]
             ax.set_xscale(scale, linthresh=min(v for v in values if v > 0))
         else:
             ax.set_xscale(scale)
+        if numeric:
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor log labels collide on short ranges
         ax.grid(alpha=0.3)
     fig.savefig(path, dpi=110)
 

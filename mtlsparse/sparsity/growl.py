@@ -150,7 +150,7 @@ class GrOWL(SparsityMethod):
         if epoch + 1 >= self.phase1_epochs:
             starting_phase2 = not bool(self.tied)
             self._tie()
-            reset = getattr(module.balancer, "reset_multipliers", None)
+            reset = getattr(getattr(module, "balancer", None), "reset_multipliers", None)
             if starting_phase2 and reset is not None:
                 reset()  # Algorithm 1 restarts the augmented Lagrangian for phase 2
         module.log_dict({"growl/phase": float(self.phase(epoch)), "growl/iteration": float(self.iteration(epoch)),
