@@ -1,5 +1,5 @@
 """Tiny fake datasets written in their real on-disk formats (IDX for MNIST/Fashion-MNIST,
-torchvision's pickles for CIFAR-100), shared by the data, model and end-to-end tests."""
+torchvision's pickles for CIFAR-10 and CIFAR-100), shared by the data, model and end-to-end tests."""
 from __future__ import annotations
 
 import pickle
@@ -64,3 +64,24 @@ def write_fake_cifar100(root: Path, n_train: int = 200, n_test: int = 100,
     _pickle(directory / "meta", {"fine_label_names": [f"fine{f}" for f in range(100)],
                                  "coarse_label_names": [f"super{k}" for k in range(20)]}, key)
     return superclass_of_fine
+
+
+def write_fake_cifar10(root: Path, n_train: int = 100, n_test: int = 40,
+                       key: Callable[[str], str | bytes] = str.encode) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Random images and labels as torchvision's ``cifar-10-batches-py`` (train split over 5 batches).
+
+    Returns ``{"train": (data [N,3072], labels [N]), "test": ...}``, train batches concatenated in order.
+    """
+    rng = np.random.default_rng(1)
+    directory = root / "cifar-10-batches-py"
+    directory.mkdir(parents=True)
+    written = {split: (rng.integers(0, 256, (n, 3072), dtype=np.uint8), rng.integers(0, 10, n))
+               for split, n in (("train", n_train), ("test", n_test))}
+    train_parts = zip(*(np.array_split(a, 5) for a in written["train"]))
+    batches = {f"data_batch_{i}": part for i, part in enumerate(train_parts, start=1)} | {"test_batch": written["test"]}
+    for name, (data, labels) in batches.items():
+        _pickle(directory / name, {"batch_label": name, "labels": labels.tolist(), "data": data,
+                                   "filenames": [f"{name}_{i}.png" for i in range(len(data))]}, key)
+    _pickle(directory / "batches.meta", {"label_names": [f"class{c}" for c in range(10)],
+                                         "num_cases_per_batch": n_train // 5, "num_vis": 3072}, key)
+    return written

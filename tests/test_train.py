@@ -13,7 +13,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from conftest import REPO, TINY, compose_cfg
-from fakes import write_fake_cifar100, write_fake_source
+from fakes import write_fake_cifar10, write_fake_cifar100, write_fake_source
 from mtlsparse.config import CONF_DIR, ConfigError
 from mtlsparse.train import run
 
@@ -53,11 +53,12 @@ DATASET_EXTRA = {"multi_fashion": ["dataset.train_pairs=256", "dataset.test_pair
 
 @pytest.fixture(scope="module")
 def fake_data_root(tmp_path_factory) -> Path:
-    """A data root with fake Fashion-MNIST, MNIST (IDX) and CIFAR-100 (pickles) in torchvision's layouts."""
+    """A data root with fake Fashion-MNIST, MNIST (IDX) and CIFAR-10/100 (pickles) in torchvision's layouts."""
     root = tmp_path_factory.mktemp("fake_data")
     write_fake_source(root / "FashionMNIST" / "raw", seed=1)
     write_fake_source(root / "MNIST" / "raw", seed=2)
     write_fake_cifar100(root)
+    write_fake_cifar10(root)
     return root
 
 
