@@ -158,3 +158,33 @@ def test_adam_prox_with_non_adam_optimizer_is_a_clear_error():
     opt.step()
     with pytest.raises(ValueError, match="method.prox=plain"):
         method.after_optimizer_step(opt)
+
+
+def test_refit_freezes_the_support_and_stops_shrinking():
+    """With finetune_epochs, the last epochs keep zero groups at zero and no longer shrink the others."""
+    from types import SimpleNamespace
+
+    model, method, opt = _adam_step_then_prox("group_lasso", "plain")
+    method = type(method)(lam=0.05, prox="plain", finetune_epochs=2)
+    method.setup(model)
+    layer = method.layers[-1]
+    with torch.no_grad():
+        layer.weight[:, :4] = 0
+    module = SimpleNamespace(trainer=SimpleNamespace(max_epochs=5), current_epoch=1)
+    method.on_train_epoch_end(module)
+    assert not method.refitting and method.masks() is None  # 3 epochs left > 2
+    module.current_epoch = 2
+    method.on_train_epoch_end(module)
+    assert method.refitting and torch.equal(method.masks()[layer.name][:, :4], torch.zeros_like(layer.weight[:, :4],
+                                                                                                 dtype=torch.bool))
+    for _ in range(3):
+        opt.zero_grad()
+        sum(o.sum() for o in model(torch.randn(8, 1, 16, 16)).values()).backward()
+        before = layer.weight.detach().clone()
+        opt.step()
+        adam_only = layer.weight.detach().clone()
+        method.after_optimizer_step(opt)
+        assert torch.all(layer.weight[:, :4] == 0)
+        torch.testing.assert_close(layer.weight[:, 4:], adam_only[:, 4:])  # no prox shrinkage any more
+        assert not torch.equal(layer.weight[:, 4:], before[:, 4:])
+    assert "weight_mask" in dict(layer.module.named_buffers())  # the frozen support lives with the model

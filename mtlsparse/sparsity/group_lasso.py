@@ -13,9 +13,10 @@ import math
 import torch
 from torch import Tensor
 
-from mtlsparse.sparsity.base import SparsityMethod, param_state
+from mtlsparse.sparsity.base import param_state
 from mtlsparse.sparsity.layers import group_norms
 from mtlsparse.sparsity.prox import group_prox_, group_prox_metric_
+from mtlsparse.sparsity.prox_method import ProxMethod
 
 PROX_VARIANTS = ("plain", "adam")
 
@@ -30,29 +31,22 @@ def adam_metric(group: dict, state: dict) -> Tensor:
     return (v / (1 - group["betas"][1] ** step)).sqrt() + group["eps"]
 
 
-class GroupLasso(SparsityMethod):
+class GroupLasso(ProxMethod):
     """Proximal-Adam channel group lasso on the prunable layers (shared trunk by default)."""
 
-    family = "prox"
     structured = True
 
-    def __init__(self, lam: float = 0.0, prox: str = "adam", include_input_layers: bool = False,
-                 include_heads: bool = False) -> None:
-        super().__init__(include_input_layers, include_heads)
-        if lam < 0:
-            raise ValueError(f"method.lam must be >= 0, got {lam}")
+    def __init__(self, lam: float = 0.0, prox: str = "adam", finetune_epochs: int = 0,
+                 include_input_layers: bool = False, include_heads: bool = False) -> None:
+        super().__init__(lam, finetune_epochs, include_input_layers, include_heads)
         if prox not in PROX_VARIANTS:
             raise ValueError(f"method.prox must be one of {PROX_VARIANTS}, got '{prox}'")
-        self.lam = float(lam)
         self.prox = prox
 
     def penalty(self) -> Tensor | None:
         return self.lam * sum(math.sqrt(layer.group_size) * group_norms(layer.weight).sum() for layer in self.layers)
 
-    @torch.no_grad()
-    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.lam == 0:
-            return
+    def prox_(self, optimizer: torch.optim.Optimizer) -> None:
         state = param_state(optimizer)
         for layer in self.layers:
             group, pstate = state[id(layer.weight)]
