@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from mtlsparse.config import apply_preference, build, check_task_count, validate_knobs
-from mtlsparse.io import write_json
+from mtlsparse.io import environment, write_json
 from mtlsparse.metrics.sparsity import matrix_weights, param_counts, row_metrics
 from mtlsparse.sparsity.mask_analysis import write_mask_report
 from mtlsparse.module import MultiTaskModule
@@ -103,6 +103,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     datamodule = build(cfg, "dataset")
     module = build_module(cfg, datamodule)
     trainer, checkpoint = build_trainer(cfg, run_dir)
+    if trainer.is_global_zero:
+        write_json(run_dir / "environment.json", environment())
 
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)

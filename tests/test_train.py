@@ -94,6 +94,25 @@ def test_group_lasso_and_l1_make_sparse_trunks(tiny_cfg, tmp_path):
     assert l1["params/nonzero"] < l1["params/total"]
 
 
+def test_run_dir_records_versions_and_git_revision(tiny_cfg, tmp_path):
+    run(tiny_cfg(), tmp_path)
+    env = json.loads((tmp_path / "environment.json").read_text())
+    assert env["torch"] == torch.__version__.split("+")[0] or env["torch"] == torch.__version__
+    assert env["git"] != "" and "lightning" in env
+
+
+def test_nan_loss_stops_with_step_task_losses_and_balancer_state(tiny_cfg, tmp_path, monkeypatch):
+    from mtlsparse.models.hps import HPS
+    from mtlsparse.module import NonFiniteLossError
+
+    forward = HPS.forward
+    monkeypatch.setattr(HPS, "forward", lambda self, x: {k: v * float("nan") for k, v in forward(self, x).items()})
+    with pytest.raises(NonFiniteLossError, match=r"at global step 0 .*task losses \{'t0': nan, 't1': nan\}.*"
+                                                 r"balancer state \{'w/t0': 0.5, 'w/t1': 0.5\}"):
+        run(tiny_cfg(), tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
+
+
 def test_same_seed_same_metrics(tiny_cfg, tmp_path):
     a = run(tiny_cfg("method=group_lasso", "lam=1e-2"), tmp_path / "a")
     b = run(tiny_cfg("method=group_lasso", "lam=1e-2"), tmp_path / "b")
