@@ -22,6 +22,7 @@ from torch import Tensor
 
 from mtlsparse.data.base import ImageData, MultiTaskDataModule
 from mtlsparse.data.pairs import channel_stats
+from mtlsparse.data.sources import locate_pickled
 from mtlsparse.tasks import Task
 
 DIR_NAME = "cifar-100-python"
@@ -84,26 +85,9 @@ def read_label_names(path: Path) -> tuple[list[str], list[str]]:
     return [_text(n) for n in raw["fine_label_names"]], [_text(n) for n in raw["coarse_label_names"]]
 
 
-def _download(root: Path) -> None:
-    import torchvision
-
-    try:
-        torchvision.datasets.CIFAR100(root=str(root), train=True, download=True)
-    except Exception as err:
-        raise RuntimeError(f"downloading CIFAR-100 into {root} failed ({err}); to get it: {HOW_TO_GET}") from err
-
-
 def locate(root: str | Path, download: bool = False) -> Path:
     """The ``cifar-100-python`` directory under ``root`` holding train/test/meta (downloading if asked)."""
-    directory = Path(root) / DIR_NAME
-    if download and not all((directory / name).is_file() for name in FILES):
-        _download(Path(root))
-    missing = [name for name in FILES if not (directory / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"CIFAR-100 not found: {directory} lacks {missing} (torchvision's python format: "
-            f"{DIR_NAME}/{{{','.join(FILES)}}}).\nTo get it: {HOW_TO_GET}.")
-    return directory
+    return locate_pickled(root, DIR_NAME, FILES, "CIFAR-100", "CIFAR100", HOW_TO_GET, download)
 
 
 def superclass_mapping(fine: Tensor, coarse: Tensor) -> SuperclassMapping:

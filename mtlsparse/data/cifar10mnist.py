@@ -30,7 +30,7 @@ from mtlsparse.data.base import ImageData, MultiTaskDataModule
 from mtlsparse.data.cache import build_cached, cache_path, save_atomic
 from mtlsparse.data.cifar100_20 import read_pickle
 from mtlsparse.data.pairs import channel_stats, resize_images
-from mtlsparse.data.sources import SOURCES, ImageSet, load_source
+from mtlsparse.data.sources import ImageSet, SOURCES, load_source, locate_pickled
 from mtlsparse.tasks import Task
 
 DIR_NAME = "cifar-10-batches-py"
@@ -57,27 +57,10 @@ def read_batch(path: Path) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(data.copy()).view(-1, *IMAGE_SHAPE), labels  # rows hold R, G, B planes
 
 
-def _download(root: Path) -> None:
-    import torchvision
-
-    try:
-        torchvision.datasets.CIFAR10(root=str(root), train=True, download=True)
-    except Exception as err:
-        raise RuntimeError(f"downloading CIFAR-10 into {root} failed ({err}); to get it: {HOW_TO_GET}") from err
-
-
 def locate(root: str | Path, download: bool = False) -> Path:
     """The ``cifar-10-batches-py`` directory under ``root`` holding all six batches (downloading if asked)."""
-    directory = Path(root) / DIR_NAME
-    names = [name for files in SPLIT_FILES.values() for name in files]
-    if download and not all((directory / name).is_file() for name in names):
-        _download(Path(root))
-    missing = [name for name in names if not (directory / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"CIFAR-10 not found: {directory} lacks {missing} (torchvision's python format: "
-            f"{DIR_NAME}/{{{','.join(names)}}}).\nTo get it: {HOW_TO_GET}.")
-    return directory
+    files = [name for split_files in SPLIT_FILES.values() for name in split_files]
+    return locate_pickled(root, DIR_NAME, files, "CIFAR-10", "CIFAR10", HOW_TO_GET, download)
 
 
 def load_cifar10(root: str | Path, download: bool = False) -> dict[str, tuple[Tensor, Tensor]]:

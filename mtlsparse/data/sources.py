@@ -6,6 +6,7 @@ downloader is only used when asked, because most machines here are offline.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,3 +127,26 @@ def load_source(name: str, root: str | Path, download: bool = False) -> dict[str
     if paths is None:
         raise FileNotFoundError(_missing_message(source, root))
     return {split: _read_split(paths[img], paths[lbl]) for split, (img, lbl) in SPLIT_FILES.items()}
+
+
+def locate_pickled(root: str | Path, dir_name: str, files: Sequence[str], title: str, torchvision_class: str,
+                   how_to_get: str, download: bool = False) -> Path:
+    """`<root>/<dir_name>` holding `files` (torchvision's python-pickle layout), downloading if asked.
+
+    Used by the CIFAR datasets; a missing file is a FileNotFoundError naming the
+    directory, the missing files and how to get them.
+    """
+    directory = Path(root) / dir_name
+    if download and not all((directory / name).is_file() for name in files):
+        import torchvision
+
+        try:
+            getattr(torchvision.datasets, torchvision_class)(root=str(root), train=True, download=True)
+        except Exception as err:
+            raise RuntimeError(f"downloading {title} into {root} failed ({err}); to get it: {how_to_get}") from err
+    missing = [name for name in files if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{title} not found: {directory} lacks {missing} (torchvision's python format: "
+            f"{dir_name}/{{{','.join(files)}}}).\nTo get it: {how_to_get}.")
+    return directory

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtlsparse.models.base import MultiTaskModel
-from mtlsparse.models.lenet import first_layer, lenet_trunk
+from mtlsparse.models.hps import SharedTrunkModel
+from mtlsparse.models.lenet import lenet_trunk
 from mtlsparse.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def load_stl_trunks(path: str | Path, trunks: dict[str, nn.Module]) -> None:
                              f"kernel_size and batch_norm as model=kdmtl.\n{err}") from None
 
 
-class KDMTL(MultiTaskModel):
+class KDMTL(SharedTrunkModel):
     """HPS LeNet + per-task adaptors distilled from frozen STL teachers.
 
     `auxiliary_loss()` = kd_weight · Σ_t mean_batch ‖n(A_t(f)) − n(f_t^teacher)‖², n = L2
@@ -71,14 +71,12 @@ class KDMTL(MultiTaskModel):
     def __init__(self, tasks: dict[str, Task], in_shape: Sequence[int], channels: Sequence[int] = (10, 20),
                  hidden: int = 50, kernel_size: int = 5, batch_norm: bool = False, kd_weight: float = 1.0,
                  teacher_ckpt: str | None = None, allow_untrained_teachers: bool = False) -> None:
-        super().__init__()
         if kd_weight < 0:
             raise ValueError(f"kd_weight must be >= 0, got {kd_weight}")
-        self.tasks = dict(tasks)
+        trunk = lenet_trunk(in_shape, channels, hidden, kernel_size, batch_norm)
+        super().__init__(tasks, trunk, {name: nn.Linear(hidden, t.out_dim) for name, t in tasks.items()})
         self.kd_weight = float(kd_weight)
-        self.trunk = lenet_trunk(in_shape, channels, hidden, kernel_size, batch_norm)
         self.adaptors = nn.ModuleDict({name: nn.Linear(hidden, hidden) for name in self.tasks})
-        self.heads = nn.ModuleDict({name: nn.Linear(hidden, t.out_dim) for name, t in self.tasks.items()})
         teachers = {name: lenet_trunk(in_shape, channels, hidden, kernel_size, batch_norm) for name in self.tasks}
         if teacher_ckpt is not None:
             load_stl_trunks(teacher_ckpt, teachers)
@@ -113,18 +111,6 @@ class KDMTL(MultiTaskModel):
     def auxiliary_loss(self) -> Tensor | None:
         return self._aux
 
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        return self.trunk.parameters()
-
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         yield from self.adaptors[task].parameters()
         yield from self.heads[task].parameters()
-
-    def backbone_modules(self) -> Sequence[nn.Module]:
-        return [self.trunk]
-
-    def input_layers(self) -> Sequence[nn.Module]:
-        return [first_layer(self.trunk)]
-
-    def head_modules(self) -> Sequence[nn.Module]:
-        return list(self.heads.values())
