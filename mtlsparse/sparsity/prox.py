@@ -29,7 +29,7 @@ def group_prox_(weight: Tensor, tau: float | Tensor) -> Tensor:
 
 
 def group_prox_metric_(weight: Tensor, tau: float | Tensor, metric: Tensor, newton_steps: int = 30,
-                       tol: float = 1e-10) -> Tensor:
+                       tol: float | None = None) -> Tensor:
     """In-place prox of τ Σ_g ‖W_g‖₂ in the diagonal metric D (same shape as weight).
 
     Solves argmin_w ½ (w − z)ᵀ D (w − z) + τ‖w‖ per group. A group is zero iff
@@ -37,7 +37,10 @@ def group_prox_metric_(weight: Tensor, tau: float | Tensor, metric: Tensor, newt
     ‖x(s)‖ = 1 with x_i(s) = z_i / (s + τ/D_i). Newton runs on 1/‖x(s)‖ − 1, which is
     concave and nearly linear (exactly linear when D is uniform), so it converges
     monotonically from s = 0 in a few steps, as in Moré–Sorensen's trust-region solver.
+    It stops once a step is below `tol` relative to s (default: 4× the dtype's epsilon,
+    the precision float32 weights can hold).
     """
+    tol = 4 * torch.finfo(weight.dtype).eps if tol is None else tol
     dz_norm = group_norms(metric * weight)
     active = dz_norm > tau
     shape = group_shape(weight)
