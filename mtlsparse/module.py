@@ -30,9 +30,10 @@ class NonFiniteLossError(FloatingPointError):
 class MultiTaskModule(L.LightningModule):
     """Trains `model` on all its tasks with `balancer`, sparsified by `method`.
 
-    `min_sparsity` (or the method's own, whichever is larger) gates checkpoint selection:
-    epochs whose `sparsity/param` is below it never count as best (GrOWL's s_min). `val/select` is the mean of the tasks' selection
-    metrics (accuracy for classification), higher is better.
+    `val/select` (higher is better) ranks checkpoints: the mean of the tasks' selection
+    metrics (accuracy for classification), minus a large penalty per point of `sparsity/param`
+    below `min_sparsity` (or the method's own floor, e.g. GrOWL's s_min, whichever is larger),
+    so an epoch under the floor never beats one above it.
     """
 
     def __init__(self, model: MultiTaskModel, balancer: Balancer, method: SparsityMethod,
