@@ -7,13 +7,14 @@ epoch, before validation and checkpointing), and logs task and sparsity metrics.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
 from mtlsparse.balancers.base import BalanceContext, Balancer
+from mtlsparse.metrics.dense import check_reference, delta_m
 from mtlsparse.metrics.sparsity import group_sparsity, param_sparsity
 from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.base import SparsityMethod
@@ -31,14 +32,18 @@ class MultiTaskModule(L.LightningModule):
     """Trains `model` on all its tasks with `balancer`, sparsified by `method`.
 
     `val/select` (higher is better) ranks checkpoints: the mean of the tasks' selection
-    metrics (accuracy for classification), minus a large penalty per point of `sparsity/param`
-    below `min_sparsity` (or the method's own floor, e.g. GrOWL's s_min, whichever is larger),
-    so an epoch under the floor never beats one above it.
+    metrics (accuracy for classification, mIoU) when all are higher-is-better; with
+    `reference` (single-task numbers, {'task/metric': value}) it is `val/delta_m`; for mixed
+    directions without a reference (e.g. mIoU with depth error) it is Δm of the selection
+    metrics against their values at the first validation, so no metric's scale dominates.
+    Minus a large penalty per point of `sparsity/param` below `min_sparsity` (or the method's
+    own floor, e.g. GrOWL's s_min, whichever is larger), so an epoch under the floor never
+    beats one above it. `{split}/delta_m` is logged whenever `reference` is given.
     """
 
     def __init__(self, model: MultiTaskModel, balancer: Balancer, method: SparsityMethod,
                  optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None,
-                 min_sparsity: float = 0.0) -> None:
+                 min_sparsity: float = 0.0, reference: Mapping | None = None) -> None:
         super().__init__()
         self.model, self.balancer, self.method = model, balancer, method
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -49,6 +54,12 @@ class MultiTaskModule(L.LightningModule):
         self.task_metrics = nn.ModuleDict(
             {split: nn.ModuleDict({name: t.metrics() for name, t in self.tasks.items()}) for split in EVAL_SPLITS})
         self._shared_params = list(model.shared_parameters())
+        self._metric_modes = {f"{n}/{m}": mode for n, t in self.tasks.items() for m, mode in t.metric_modes.items()}
+        self.reference = check_reference(reference, self._metric_modes)
+        self._selection = {f"{n}/{t.selection_metric[0]}": t.selection_metric[1] for n, t in self.tasks.items()}
+        if not self.reference and "min" in self._selection.values():
+            # selection metrics at the first validation, the scale of each (a buffer: checkpoints keep it)
+            self.register_buffer("select_reference", torch.full((len(self._selection),), float("nan")))
         self._epoch_hooks_done = -1
         self.samples_seen = 0
         self.train_seconds = 0.0
@@ -109,23 +120,34 @@ class MultiTaskModule(L.LightningModule):
 
     def _log_epoch_metrics(self, split: str) -> None:
         values: dict[str, float] = {}
-        selection = []
-        for name, task in self.tasks.items():
+        for name in self.tasks:
             computed = self.task_metrics[split][name].compute()
             self.task_metrics[split][name].reset()
             values.update({f"{split}/{name}/{k}": float(v) for k, v in computed.items()})
-            key, mode = task.selection_metric
-            selection.append(float(computed[key]) * (1 if mode == "max" else -1))
         accs = [v for k, v in values.items() if k.endswith("/acc")]
         if accs:
             values[f"{split}/mean_acc"] = sum(accs) / len(accs)
+        if self.reference:
+            current = {k: values[f"{split}/{k}"] for k in self.reference}
+            values[f"{split}/delta_m"] = delta_m(current, self.reference, self._metric_modes)
         sparsity = self.sparsity_summary()
         if split == "val":
-            score = sum(selection) / len(selection)
+            score = self._selection_score(values)
             # below the sparsity floor an epoch can't beat one above it; closer to the floor ranks higher
             floor = max(self.min_sparsity, self.method.min_sparsity)
             values["val/select"] = score - 1e3 * max(0.0, floor - sparsity["sparsity/param"])
         self.log_dict({**values, **sparsity}, prog_bar=False)
+
+    def _selection_score(self, values: dict[str, float]) -> float:
+        """Higher-is-better checkpoint score before the sparsity-floor penalty (see the class docstring)."""
+        if self.reference:
+            return values["val/delta_m"]
+        current = {k: values[f"val/{k}"] for k in self._selection}
+        if "min" not in self._selection.values():
+            return sum(current.values()) / len(current)
+        if torch.isnan(self.select_reference).all():
+            self.select_reference.copy_(torch.tensor(list(current.values())))
+        return delta_m(current, dict(zip(current, self.select_reference.tolist())), self._selection)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtlsparse.config import apply_preference, build, check_task_count, validate_knobs
 from mtlsparse.io import environment, write_json
 from mtlsparse.metrics.sparsity import matrix_weights, param_counts, row_metrics
+from mtlsparse.sparsity.layer_report import write_layer_report
 from mtlsparse.sparsity.mask_analysis import write_mask_report
 from mtlsparse.module import MultiTaskModule
 
@@ -54,7 +55,8 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> MultiTas
     method = build(cfg, "method")
     optimizer = build(cfg, "optimizer")
     scheduler = build(cfg, "scheduler") if cfg.get("scheduler") else None
-    return MultiTaskModule(model, balancer, method, optimizer, scheduler, min_sparsity=cfg.min_sparsity)
+    return MultiTaskModule(model, balancer, method, optimizer, scheduler, min_sparsity=cfg.min_sparsity,
+                           reference=getattr(datamodule, "reference", None))
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ModelCheckpoint]:
@@ -118,6 +120,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     metrics["checkpoint/tested"] = Path(ckpt).name if ckpt else "last"
     if trainer.is_global_zero:
         write_mask_report(module.method, run_dir)  # per-layer IoU of task masks, for methods that keep them
+        write_layer_report(module.method, run_dir)  # per-layer group/param sparsity, for structured methods
         write_json(run_dir / "metrics.json", metrics)
         log.info("%s → %s", summary_line(metrics), run_dir / "metrics.json")
     return metrics
