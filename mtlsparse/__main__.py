@@ -17,10 +17,12 @@ log = logging.getLogger("mtlsparse")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Hydra task: train, test and write metrics.json into the Hydra run dir."""
+    from mtlsparse.config import check_slurm_tasks
     from mtlsparse.train import run  # heavy imports after Hydra has parsed the command line
 
     hydra_cfg = HydraConfig.get()
     try:
+        check_slurm_tasks(cfg)  # under hydra/launcher=slurm: one task per Lightning device
         metrics = run(cfg, hydra_cfg.runtime.output_dir)
     except Exception as err:
         # the job log gets the reason, so `mtlsparse report` can list the failed job with it

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import REPO, TINY, compose_cfg
+from mtlsparse.config import ConfigError, check_slurm_tasks
 from slurm_cluster import SlurmCluster, missing_binaries
 
 # what every Slurm test job asks for: one CPU, no GPU, small memory, a short limit
@@ -98,6 +99,32 @@ def test_slurm_sweeps_are_the_paper_sweeps_on_the_slurm_launcher(sweep, base, ke
     assert slurm.hydra.runtime.choices.method == local.hydra.runtime.choices.method
 
 
+SRUN_2_TASKS = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_STEP_ID": "0",
+                "SLURM_JOB_NAME": "mtlsparse"}
+
+
+@pytest.mark.parametrize("environ, overrides", [
+    ({}, []),                                                   # not under SLURM
+    ({**SRUN_2_TASKS, "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1"}, []),  # one task
+    (SRUN_2_TASKS, ["trainer=ddp", "trainer.devices=2"]),      # one DDP rank per task
+    ({**SRUN_2_TASKS, "SLURM_JOB_NAME": "interactive"}, []),  # salloc shell: Lightning ignores SLURM
+])
+def test_slurm_task_check_accepts_one_rank_per_task(environ, overrides):
+    check_slurm_tasks(compose_cfg(TINY + overrides), environ)
+
+
+@pytest.mark.parametrize("environ, overrides, message", [
+    (SRUN_2_TASKS, [], "trainer.devices=1, so every task would train its own copy"),
+    ({k: v for k, v in SRUN_2_TASKS.items() if k != "SLURM_STEP_ID"}, ["trainer=ddp", "trainer.devices=2"],
+     "without srun"),
+    ({**SRUN_2_TASKS, "SLURM_NNODES": "2", "SLURM_NTASKS": "4"}, ["trainer=ddp", "trainer.devices=2"],
+     "trainer.num_nodes=1"),
+])
+def test_slurm_task_check_rejects_tasks_lightning_would_not_join(environ, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        check_slurm_tasks(compose_cfg(TINY + overrides), environ)
+
+
 def test_submitit_local_multirun_writes_one_metrics_json_per_job(tmp_path, capsys):
     start = time.monotonic()
     proc, sweep = multirun(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
@@ -125,9 +152,11 @@ def slurm_cluster(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_slurm_multirun_submits_a_job_array_and_each_job_writes_metrics(slurm_cluster, tmp_path, capsys):
+@pytest.mark.parametrize("use_srun", ["true", "false"])
+def test_slurm_multirun_submits_a_job_array_and_each_job_writes_metrics(slurm_cluster, tmp_path, capsys, use_srun):
     start = time.monotonic()
-    proc, sweep = multirun(tmp_path, *SLURM_CPU, "method=group_lasso", "lam=0,1e-2", env=slurm_cluster.env)
+    proc, sweep = multirun(tmp_path, *SLURM_CPU, f"hydra.launcher.use_srun={use_srun}", "method=group_lasso",
+                           "lam=0,1e-2", env=slurm_cluster.env)
     assert proc.returncode == 0, proc.stderr[-3000:] + slurm_cluster.logs()
     files = sorted(sweep.glob("*/metrics.json"))
     assert sorted(json.loads(f.read_text())["config/lam"] for f in files) == [0.0, 1e-2]
@@ -139,7 +168,7 @@ def test_slurm_multirun_submits_a_job_array_and_each_job_writes_metrics(slurm_cl
     assert slurm_cluster.wait_queue_empty(60)
     done = {j["ArrayTaskId"]: j for j in slurm_cluster.completed_jobs() if j.get("ArrayJobId") == array_id}
     assert sorted(done) == ["0", "1"] and all(j["JobState"] == "COMPLETED" for j in done.values()), done
-    report(capsys, f"sbatch array job {array_id}: tasks " + ", ".join(
+    report(capsys, f"use_srun={use_srun}: sbatch array job {array_id}: tasks " + ", ".join(
         f"{array_id}_{t} (JobId={j['JobId']}, {j['JobState']})" for t, j in sorted(done.items()))
         + f"; sweep took {time.monotonic() - start:.1f}s")
 
@@ -159,4 +188,16 @@ def test_slurm_two_tasks_per_node_train_one_ddp_run(slurm_cluster, tmp_path, cap
     done = [j for j in slurm_cluster.completed_jobs() if j["JobId"] == job]
     assert done and done[0]["JobState"] == "COMPLETED" and done[0]["ProcCnt"] == "2", done
     report(capsys, f"sbatch job {job} (2 tasks, DDP world size 2, {done[0]['JobState']}) "
+                   f"in {time.monotonic() - start:.1f}s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_slurm_tasks_without_matching_devices_stop_at_job_start(slurm_cluster, tmp_path, capsys):
+    start = time.monotonic()
+    proc, sweep = multirun(tmp_path, *SLURM_CPU, "hydra.launcher.tasks_per_node=2", "seed=0", env=slurm_cluster.env)
+    assert proc.returncode != 0
+    assert "every task would train its own copy" in (sweep / "0" / "__main__.log").read_text()
+    assert not (sweep / "0" / "metrics.json").exists()
+    report(capsys, f"sbatch job {job_ids(sweep)['0']} (2 tasks, trainer.devices=1) refused "
                    f"in {time.monotonic() - start:.1f}s")
