@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .make-setup.stamp
 
-.PHONY: setup run test test-slow bench sweep report clean
+.PHONY: setup setup-slurm test-slurm run test test-slow bench sweep report clean
 
 setup: $(STAMP)
 
@@ -15,6 +15,13 @@ $(STAMP): pyproject.toml
 	fi
 	$(PIP) install -q -e ".[dev,slurm]"
 	@touch $(STAMP)
+
+# Slurm + munge (Debian) for the real-Slurm tests; they start a throwaway single-node cluster themselves
+setup-slurm: setup
+	command -v slurmctld >/dev/null 2>&1 || (apt-get install -y -q slurm-wlm munge || (apt-get update -q && apt-get install -y -q slurm-wlm munge))
+
+test-slurm: setup-slurm
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest tests/test_slurm.py -m "slow or not slow" $(ARGS)
 
 run: setup
 	$(PYTHON) -m mtlsparse $(ARGS)
