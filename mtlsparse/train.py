@@ -18,10 +18,12 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from mtlsparse.config import apply_preference, build, check_task_count, validate_knobs
+from mtlsparse.export import export_after_training
 from mtlsparse.io import environment, write_json
 from mtlsparse.metrics.sparsity import matrix_weights, param_counts, row_metrics
 from mtlsparse.sparsity.layer_report import write_layer_report
 from mtlsparse.sparsity.mask_analysis import write_mask_report
+from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.module import MultiTaskModule
 
 log = logging.getLogger("mtlsparse")
@@ -46,11 +48,16 @@ def group_choices(cfg: DictConfig) -> dict[str, str]:
     return {g: str(choices.get(g)) for g in ECHOED_GROUPS}
 
 
+def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> MultiTaskModel:
+    """The model, sized from the dataset's tasks and input shape (also rebuilt this way by export)."""
+    return build(cfg, "model", tasks=datamodule.tasks, in_shape=datamodule.input_shape)
+
+
 def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> MultiTaskModule:
     """Instantiate model, balancer and sparsity method around the dataset's tasks."""
     tasks = list(datamodule.tasks)
     check_task_count(cfg, tasks)
-    model = build(cfg, "model", tasks=datamodule.tasks, in_shape=datamodule.input_shape)
+    model = build_model(cfg, datamodule)
     balancer = build(cfg, "balancer", tasks=tasks)
     method = build(cfg, "method")
     optimizer = build(cfg, "optimizer")
@@ -120,6 +127,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     metrics["checkpoint/tested"] = Path(ckpt).name if ckpt else "last"
     if trainer.is_global_zero:
         write_mask_report(module.method, run_dir)  # per-layer IoU of task masks, for methods that keep them
+        metrics.update(export_after_training(cfg, module.model, module.method.structured,
+                                             datamodule.input_shape, run_dir))  # compact model + latency
         write_layer_report(module.method, run_dir)  # per-layer group/param sparsity, for structured methods
         write_json(run_dir / "metrics.json", metrics)
         log.info("%s → %s", summary_line(metrics), run_dir / "metrics.json")

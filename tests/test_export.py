@@ -1,0 +1,333 @@
+"""Export: channel removal is exact (outputs unchanged), removes exactly the unused channels
+(LeNet, residual ResNet blocks with BN, every model option), reloads, and `mtlsparse export`
+records params/latency in metrics.json after a tiny group-lasso run."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+from conftest import TINY
+from mtlsparse import cli
+from mtlsparse.config import CONF_DIR, build, compose_config
+from mtlsparse.export import (COMPACT_FILE, TOLERANCE, compact, export_after_training, export_model,
+                              load_compact, max_abs_diff, num_params, shrink_to_)
+from mtlsparse.latency import count_flops, median_latency_ms
+from mtlsparse.models.hps import HPS, SharedTrunkModel
+from mtlsparse.sparsity.layers import prunable_layers
+from mtlsparse.tasks import Task
+from mtlsparse.train import build_model, run
+
+TASKS = {"a": Task("a", num_classes=4), "b": Task("b", num_classes=3)}
+EXPORT_CHEAP = ["export.batch=4", "export.repeats=2", "export.warmup=1"]
+
+
+def lenet_params(c1: int, c2: int, fc_in: int, hidden: int = 50) -> int:
+    """Parameter count of HPS on 1×28×28 with the given conv widths and FC input size."""
+    return (c1 * 25 + c1) + (c2 * c1 * 25 + c2) + (fc_in * hidden + hidden) + (hidden * 4 + 4) + (hidden * 3 + 3)
+
+
+def randomise_bn_(model: nn.Module) -> None:
+    """Non-trivial BN statistics/affines, so a removed channel with a BN shift would show."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+            m.weight.data.copy_(0.5 + torch.rand(m.num_features, generator=g))
+            m.bias.data.copy_(0.2 * torch.randn(m.num_features, generator=g))
+
+
+def test_lenet_input_groups_are_removed_exactly():
+    torch.manual_seed(0)
+    model = HPS(TASKS, (1, 28, 28)).eval()
+    with torch.no_grad():
+        model.trunk[3].weight[:, [1, 4, 7]] = 0  # conv2 ignores conv1 channels 1, 4, 7
+        model.trunk[7].weight[:, 16 * 3:16 * 5] = 0  # FC ignores the 4×4 blocks of conv2 channels 3, 4
+        model.trunk[7].weight[:, 16 * 9] = 0  # one column of channel 9's block: channel 9 stays
+    x = torch.randn(8, 1, 28, 28)
+    small, removed = compact(model, x)
+    assert (small.trunk[0].out_channels, small.trunk[3].in_channels, small.trunk[3].out_channels) == (7, 7, 18)
+    assert small.trunk[7].in_features == 18 * 16
+    assert num_params(model) == lenet_params(10, 20, 320)
+    assert num_params(small) == lenet_params(7, 18, 18 * 16)
+    assert sum(removed.values()) == 5
+    assert max_abs_diff(model, small, x) <= TOLERANCE
+    assert num_params(model) == lenet_params(10, 20, 320), "the original model is left untouched"
+
+
+@pytest.mark.parametrize("bias, removable", [(0.0, True), (-0.5, True), (0.5, False)])
+def test_zero_output_row_is_removed_only_when_the_channel_is_zero(bias, removable):
+    """A zero conv row emits its bias; after ReLU that is 0 for bias ≤ 0 (removable), not for bias > 0."""
+    torch.manual_seed(0)
+    model = HPS(TASKS, (1, 28, 28)).eval()
+    with torch.no_grad():
+        model.trunk[0].weight[2] = 0
+        model.trunk[0].bias[2] = bias
+    x = torch.randn(4, 1, 28, 28)
+    small, _ = compact(model, x)
+    assert small.trunk[0].out_channels == (9 if removable else 10)
+    assert max_abs_diff(model, small, x) <= TOLERANCE
+
+
+def tiny_resnet() -> SharedTrunkModel:
+    """Torchvision BasicBlocks at width 8/16: stem, two residual blocks, a strided block with downsample."""
+    def downsample(c_in: int, c_out: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=2, bias=False), nn.BatchNorm2d(c_out))
+
+    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          BasicBlock(8, 8), BasicBlock(8, 8), BasicBlock(8, 16, stride=2, downsample=downsample(8, 16)),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = SharedTrunkModel(TASKS, trunk, {n: nn.Linear(16, t.out_dim) for n, t in TASKS.items()})
+    randomise_bn_(model)
+    return model.eval()
+
+
+def test_resnet_residual_channels_are_removed_together_and_only_when_unread():
+    model = tiny_resnet()
+    block1, block2, block3 = model.trunk[3], model.trunk[4], model.trunk[5]
+    stream_readers = [block1.conv1, block2.conv1, block3.conv1, block3.downsample[0]]
+    with torch.no_grad():
+        block1.conv2.weight[:, [0, 5]] = 0  # block 1's inner channels 0, 5: unread → removed
+        for conv in stream_readers:
+            conv.weight[:, [2, 6]] = 0  # residual-stream channels 2, 6: unread by every reader → removed
+        for conv in stream_readers[:-1]:
+            conv.weight[:, 3] = 0  # stream channel 3 is still read by the downsample conv → kept
+    x = torch.randn(4, 3, 16, 16)
+    small, _ = compact(model, x)
+    s1, s2, s3 = small.trunk[3], small.trunk[4], small.trunk[5]
+    assert small.trunk[0].out_channels == 6 and small.trunk[1].num_features == 6
+    assert (s1.conv1.out_channels, s1.conv2.in_channels, s1.bn1.num_features) == (6, 6, 6)
+    assert (s1.conv2.out_channels, s2.conv2.out_channels, s3.conv1.in_channels, s3.downsample[0].in_channels) \
+        == (6, 6, 6, 6)
+    assert s2.conv1.out_channels == 8 and s3.conv2.out_channels == 16
+    def conv_bn(c_in: int, c_out: int, k: int = 3) -> int:
+        return c_in * c_out * k * k + 2 * c_out
+
+    def expected(stream: int, inner1: int) -> int:
+        """Params with `stream` residual channels in stage 1 and `inner1` inner channels in block 1."""
+        return (conv_bn(3, stream) + conv_bn(stream, inner1) + conv_bn(inner1, stream)
+                + conv_bn(stream, 8) + conv_bn(8, stream)
+                + conv_bn(stream, 16) + conv_bn(16, 16) + conv_bn(stream, 16, k=1) + 16 * 7 + 7)
+
+    assert (num_params(model), num_params(small)) == (expected(8, 8), expected(6, 6))
+    assert max_abs_diff(model, small, x) <= TOLERANCE
+
+
+def test_channels_reaching_an_output_are_kept():
+    """A trunk used on its own: its last block's channels are the output, never removed."""
+    model = tiny_resnet()
+    with torch.no_grad():
+        for block in (model.trunk[3], model.trunk[4]):
+            block.conv1.weight[:, 1] = 0
+        model.trunk[5].conv1.weight[:, 1] = 0
+        model.trunk[5].downsample[0].weight[:, 1] = 0
+        for head in model.heads.values():
+            head.weight[:, 4] = 0  # heads' inputs are not output channels: trunk channel 4 goes
+    small_trunk, _ = compact(model.trunk, torch.randn(2, 3, 16, 16))
+    assert small_trunk[5].conv2.out_channels == 16, "trunk output channels stay"
+    assert small_trunk[0].out_channels == 7, "stream channel 1 is unread inside the trunk"
+    small, _ = compact(model, torch.randn(2, 3, 16, 16))
+    assert small.trunk[5].conv2.out_channels == 15
+
+
+class Centred(nn.Module):
+    """conv1 → subtract the mean over channels (torch-pruning reads it as per-channel) → conv2 → ReLU → conv3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x)
+        return self.conv3(torch.relu(self.conv2(h - h.mean(dim=1, keepdim=True))))
+
+
+def test_cuts_that_change_outputs_are_dropped():
+    """Removing an unread conv1 channel would change the channel mean: only the exact cut is kept."""
+    model = Centred().eval()
+    with torch.no_grad():
+        model.conv2.weight[:, 0] = 0
+        model.conv3.weight[:, 1] = 0
+    x = torch.randn(2, 3, 12, 12)
+    small, removed = compact(model, x)
+    assert removed == {"conv2": 1}
+    assert (small.conv1.out_channels, small.conv2.out_channels) == (8, 7)
+    assert max_abs_diff(model, small, x) <= TOLERANCE
+
+
+def test_compact_state_dict_reloads_into_a_fresh_dense_model(tmp_path):
+    model = tiny_resnet()
+    with torch.no_grad():
+        model.trunk[3].conv2.weight[:, :4] = 0
+    x = torch.randn(2, 3, 16, 16)
+    small, _ = compact(model, x)
+    path = tmp_path / "compact.pt"
+    torch.save({"format": "mtlsparse-compact/1", "state_dict": small.state_dict(), "config": {}}, path)
+    reloaded = load_compact(path, tiny_resnet())
+    assert reloaded.trunk[3].conv1.out_channels == 4
+    assert max_abs_diff(small, reloaded, x) == 0
+    fresh = shrink_to_(tiny_resnet(), small.state_dict())
+    assert fresh.trunk[3].conv2.in_channels == 4
+
+
+def model_options() -> list[str]:
+    return sorted(p.stem for p in Path(CONF_DIR, "model").glob("*.yaml"))
+
+
+# options that need an extra override to build small (as in test_train's smoke runs)
+# cross-stitch units mix whole columns (stack + tensordot with learned scalars): no channel of a
+# column is unread by the other columns' layers in a form the dependency graph can see, so it stays whole
+NOT_COMPACTED = {"cross_stitch"}
+MODEL_EXTRA = {"kdmtl": ["model.allow_untrained_teachers=true"], "vgg16_mt": ["model.width=0.125"],
+               "deeplab_resnet": ["model.width=0.0625"]}
+
+
+@pytest.mark.parametrize("option", model_options())
+def test_every_model_option_compacts_exactly(tmp_path, option):
+    """~60% of each prunable layer's input groups zeroed at random: fewer params, same outputs."""
+    cfg = compose_config(TINY + [f"model={option}", f"data_root={tmp_path}", *MODEL_EXTRA.get(option, [])])
+    datamodule = build(cfg, "dataset")
+    model = build_model(cfg, datamodule).eval()
+    randomise_bn_(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in prunable_layers(model):
+            keep = (torch.rand(layer.num_groups, generator=g) > 0.6).to(layer.weight.dtype)
+            layer.weight.mul_(keep.view(1, -1, *([1] * (layer.weight.dim() - 2))))
+    x = torch.randn(4, *datamodule.input_shape)
+    small, _ = compact(model, x)
+    assert max_abs_diff(model, small, x) <= TOLERANCE
+    if option not in NOT_COMPACTED:
+        assert num_params(small) < num_params(model)
+
+
+def test_export_model_saves_a_reloadable_compact_model(tmp_path):
+    cfg = compose_config(TINY + ["model.batch_norm=true", f"data_root={tmp_path / 'data'}"])
+    datamodule = build(cfg, "dataset")
+    model = build_model(cfg, datamodule).eval()
+    with torch.no_grad():
+        model.trunk[4].weight[:, :6] = 0
+    metrics = export_model(model, datamodule.input_shape, tmp_path, config=cfg, batch=4, repeats=2, warmup=1)
+    assert metrics["params/compact"] < metrics["params/dense"] == num_params(model)
+    assert metrics["latency/dense_ms"] > 0 and metrics["latency/compact_ms"] > 0
+    assert 0 < metrics["flops/compact"] < metrics["flops/dense"]
+    assert metrics["export/max_abs_diff"] <= TOLERANCE
+    reloaded = load_compact(tmp_path / COMPACT_FILE)  # rebuilt from the saved config
+    assert reloaded.trunk[0].out_channels == 4
+    x = torch.randn(3, *datamodule.input_shape)
+    assert max_abs_diff(model, reloaded, x) <= TOLERANCE
+
+
+def test_masked_models_export_with_masks_folded_in(tmp_path):
+    from mtlsparse.sparsity.masks import MASK, add_mask
+
+    model = HPS(TASKS, (1, 28, 28)).eval()
+    mask = add_mask(model.trunk[3])
+    mask[:, :3] = False  # the mask removes groups the weights still hold
+    small, _ = compact(model, torch.randn(2, 1, 28, 28))
+    assert small.trunk[0].out_channels == 7 and not hasattr(small.trunk[3], MASK)
+    assert hasattr(model.trunk[3], MASK), "the original keeps its mask"
+
+
+def test_auto_export_only_for_structured_methods(tmp_path):
+    cfg = compose_config(TINY + EXPORT_CHEAP + [f"data_root={tmp_path}"])
+    model = HPS(TASKS, (1, 16, 16))
+    assert export_after_training(cfg, model, False, (1, 16, 16), tmp_path) == {}
+    assert "params/compact" in export_after_training(cfg, model, True, (1, 16, 16), tmp_path)
+    off = compose_config(TINY + EXPORT_CHEAP + ["export.enabled=false", f"data_root={tmp_path}"])
+    assert export_after_training(off, model, True, (1, 16, 16), tmp_path) == {}
+    broken = compose_config(TINY + ["export.batch=0", f"data_root={tmp_path}"])
+    assert "export/error" in export_after_training(broken, model, True, (1, 16, 16), tmp_path)
+
+
+def test_latency_is_a_positive_median_and_restores_threads():
+    model = HPS(TASKS, (1, 28, 28))
+    threads = torch.get_num_threads()
+    result = median_latency_ms({"a": model, "b": model}, torch.randn(2, 1, 28, 28), warmup=1, repeats=3)
+    assert set(result) == {"a", "b"} and min(result.values()) > 0
+    assert torch.get_num_threads() == threads
+    assert count_flops(model, torch.randn(1, 1, 28, 28)) == 2 * (10 * 25 * 24 * 24 + 20 * 250 * 8 * 8 + 320 * 50
+                                                                 + 50 * 7)
+
+
+def cli_export(monkeypatch, *args: str) -> int:
+    monkeypatch.setattr(sys, "argv", ["mtlsparse", "export", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    return exit_info.value.code
+
+
+def test_group_lasso_run_auto_exports_and_cli_export_adds_keys(tiny_cfg, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    cfg = tiny_cfg("method=group_lasso", "lam=10", "optimizer.lr=0.05", "trainer.limit_train_batches=4",
+                   *EXPORT_CHEAP)
+    metrics = run(cfg, run_dir)
+    assert metrics["sparsity/group"] > 50
+    assert metrics["params/compact"] < metrics["params/total"]  # exported automatically: structured method
+    assert (run_dir / COMPACT_FILE).is_file()
+
+    # what Hydra writes into a run dir; the CLI rebuilds the model from it
+    (run_dir / ".hydra").mkdir()
+    composed = OmegaConf.to_container(cfg, resolve=False)
+    composed.pop("hydra")
+    OmegaConf.save(OmegaConf.create(composed), run_dir / ".hydra" / "config.yaml")
+    (run_dir / COMPACT_FILE).unlink()
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    saved = {k: v for k, v in saved.items() if k.split("/")[0] not in ("latency", "flops", "export")
+             and k not in ("params/compact", "params/dense")}
+    (run_dir / "metrics.json").write_text(json.dumps(saved))
+
+    assert cli_export(monkeypatch, run_dir, "--ckpt", "last", "--repeats", "2", "--batch", "4") == 0
+    assert "params" in capsys.readouterr().out
+    after = json.loads((run_dir / "metrics.json").read_text())
+    assert {k: after[k] for k in saved} == saved, "existing keys are kept"
+    assert after["params/compact"] < after["params/total"]
+    assert after["latency/dense_ms"] > 0 and after["latency/compact_ms"] > 0
+    assert after["latency/batch"] == 4 and after["export/checkpoint"] == "last.ckpt"
+    reloaded = load_compact(run_dir / COMPACT_FILE)
+    assert sum(p.numel() for p in reloaded.parameters()) == after["params/compact"]
+
+
+def test_bad_run_dirs_give_clear_errors(tmp_path, monkeypatch, capsys):
+    assert cli_export(monkeypatch, tmp_path / "missing") == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert cli_export(monkeypatch, tmp_path) == 2
+    assert ".hydra/config.yaml not found" in capsys.readouterr().err
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(compose_config(TINY), tmp_path / ".hydra" / "config.yaml")
+    assert cli_export(monkeypatch, tmp_path) == 2
+    assert "last.ckpt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_deeplab_resnet_compacts_trunk_and_aspp_concat_exactly(depth):
+    deeplab = pytest.importorskip("mtlsparse.models.deeplab")
+    from mtlsparse.bench_export import NYU_TASKS, zero_channel_groups_
+
+    tasks = {**NYU_TASKS, "scene": Task("scene", num_classes=5)}
+    model = deeplab.DeepLabResNet(tasks, (3, 32, 32), depth=depth, width=0.0625).eval()
+    randomise_bn_(model)
+    x = torch.randn(2, 3, 32, 32)
+    layers = prunable_layers(model)
+    zero_channel_groups_(model, x, 0.7, [layer.module for layer in layers])
+    project = model.heads["seg"][0].project[0]  # reads the concat of 5 ASPP branches (16 channels each)
+    with torch.no_grad():
+        project.weight[:, [16 + 2, 16 + 3, 48, 64 + 1]] = 0  # branch 1: 2 channels, branch 3 and pooling: 1 each
+    small, _ = compact(model, x)
+    assert max_abs_diff(model, small, x) <= TOLERANCE
+    aspp = small.heads["seg"][0]
+    assert [aspp.convs[i][0].out_channels for i in range(4)] == [16, 14, 16, 15]
+    assert aspp.convs[4][1].out_channels == 15 and aspp.project[0].in_channels == 76
+    assert num_params(small.trunk) < 0.5 * num_params(model.trunk)
+    last = small.trunk.layer4[-1]
+    assert (last.conv3 if depth == 50 else last.conv2).out_channels == model.trunk.out_channels, "heads read them"
+    fresh = deeplab.DeepLabResNet(tasks, (3, 32, 32), depth=depth, width=0.0625)
+    shrink_to_(fresh, small.state_dict()).load_state_dict(small.state_dict())
+    assert max_abs_diff(small, fresh, x) == 0
