@@ -88,28 +88,32 @@ def _slurm_int(environ: dict[str, str], key: str) -> int | None:
 def check_slurm_tasks(cfg: DictConfig, environ: dict[str, str] | None = None) -> None:
     """Inside a SLURM job with several tasks, each task must be one rank of one Lightning run.
 
-    `hydra.launcher.tasks_per_node=N` (`nodes=M`) makes SLURM start N·M processes of the job and
+    `hydra.launcher.tasks_per_node=N` (`nodes=M`) makes srun start N·M processes of the job and
     Lightning's SLURMEnvironment joins them into one DDP run only if `trainer.devices=N`
     (`trainer.num_nodes=M`). Lightning checks that for DDP but not for a one-device trainer,
     where N processes would silently train the same run N times into one dir; and without srun
-    (`use_srun=false`) only one of the N·M ranks starts and DDP waits for the rest until the
-    time limit. Both fail here, at job start, with the fix.
+    (`use_srun=false`) only one rank starts and DDP waits for the others until the time limit.
+    Both fail here, at job start, with the fix.
     """
     env = os.environ if environ is None else environ
     ntasks = _slurm_int(env, "SLURM_NTASKS") or 1
     if ntasks == 1 or env.get("SLURM_JOB_NAME") in ("bash", "interactive"):  # Lightning ignores SLURM then
         return
-    if "SLURM_STEP_ID" not in env:
-        raise ConfigError(f"this SLURM job has {ntasks} tasks but runs without srun, so only one starts: "
-                          "set hydra.launcher.use_srun=true, or hydra.launcher.tasks_per_node=1")
-    per_node = _slurm_int(env, "SLURM_NTASKS_PER_NODE") or ntasks
-    devices = cfg.trainer.get("devices")
+    devices, num_nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
     n_devices = len(devices) if isinstance(devices, (list, ListConfig)) else devices
-    if isinstance(n_devices, int) and n_devices > 0 and n_devices != per_node:
+    known = isinstance(n_devices, int) and n_devices > 0  # not "auto" / -1
+    if "SLURM_STEP_ID" not in env:  # the batch script itself: one process, whatever the task count
+        if (known and n_devices > 1) or num_nodes > 1:
+            raise ConfigError(f"trainer.devices={devices}, trainer.num_nodes={num_nodes} need one SLURM task per "
+                              f"device started by srun, but this job ({ntasks} tasks) runs without srun: "
+                              "set hydra.launcher.use_srun=true")
+        return
+    per_node = _slurm_int(env, "SLURM_NTASKS_PER_NODE") or ntasks
+    if known and n_devices != per_node:
         raise ConfigError(f"SLURM started {per_node} tasks per node (hydra.launcher.tasks_per_node) but "
                           f"trainer.devices={devices}, so every task would train its own copy of this run: set "
                           f"trainer=ddp trainer.devices={per_node}, or hydra.launcher.tasks_per_node={n_devices}")
-    nodes, num_nodes = _slurm_int(env, "SLURM_NNODES"), cfg.trainer.get("num_nodes", 1)
+    nodes = _slurm_int(env, "SLURM_NNODES")
     if nodes is not None and num_nodes != nodes:
         raise ConfigError(f"SLURM gave this job {nodes} nodes (hydra.launcher.nodes) but trainer.num_nodes={num_nodes}: "
                           f"set trainer.num_nodes={nodes}, or hydra.launcher.nodes={num_nodes}")

@@ -58,7 +58,7 @@ def report(capsys, line: str) -> None:
 # ---------------------------------------------------------------- fast: no cluster needed
 def slurm_params(*overrides: str) -> dict:
     """The submitit parameters `hydra/launcher=slurm` passes to AutoExecutor, mapped as the launcher maps them."""
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    BaseQueueConf = pytest.importorskip("hydra_plugins.hydra_submitit_launcher.config").BaseQueueConf
 
     cfg = compose_cfg(["hydra/launcher=slurm", "hydra.sweep.dir=/sweep", *overrides])
     launcher = instantiate(cfg.hydra.launcher)
@@ -68,7 +68,7 @@ def slurm_params(*overrides: str) -> dict:
 
 
 def test_slurm_preset_makes_a_valid_sbatch_script(tmp_path):
-    import submitit
+    submitit = pytest.importorskip("submitit")
 
     executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
     executor.update_parameters(**slurm_params("hydra.launcher.partition=gpu", "hydra.launcher.account=proj",
@@ -82,7 +82,7 @@ def test_slurm_preset_makes_a_valid_sbatch_script(tmp_path):
 
 
 def test_slurm_preset_use_srun_false_runs_python_directly(tmp_path):
-    import submitit
+    submitit = pytest.importorskip("submitit")
 
     executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
     executor.update_parameters(**slurm_params("hydra.launcher.use_srun=false", "hydra.launcher.gpus_per_node=null"))
@@ -108,6 +108,7 @@ SRUN_2_TASKS = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES
     ({**SRUN_2_TASKS, "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1"}, []),  # one task
     (SRUN_2_TASKS, ["trainer=ddp", "trainer.devices=2"]),      # one DDP rank per task
     ({**SRUN_2_TASKS, "SLURM_JOB_NAME": "interactive"}, []),  # salloc shell: Lightning ignores SLURM
+    ({k: v for k, v in SRUN_2_TASKS.items() if k != "SLURM_STEP_ID"}, []),  # batch script, one process
 ])
 def test_slurm_task_check_accepts_one_rank_per_task(environ, overrides):
     check_slurm_tasks(compose_cfg(TINY + overrides), environ)
@@ -126,6 +127,7 @@ def test_slurm_task_check_rejects_tasks_lightning_would_not_join(environ, overri
 
 
 def test_submitit_local_multirun_writes_one_metrics_json_per_job(tmp_path, capsys):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     start = time.monotonic()
     proc, sweep = multirun(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
                            "method=group_lasso", "lam=0,1e-2")
