@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .make-setup.stamp
 
-.PHONY: setup setup-slurm test-slurm run test test-slow bench sweep report clean
+.PHONY: setup setup-slurm test-slurm run test test-slow bench bench-export sweep report clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ test-slow: setup
 
 bench: setup
 	$(PYTHON) -m mtlsparse.bench $(ARGS)
+
+bench-export: setup
+	$(PYTHON) -m mtlsparse.bench_export $(ARGS)
 
 sweep: setup
 	$(PYTHON) -m mtlsparse -m +sweep=lambda_group_lasso $(ARGS)

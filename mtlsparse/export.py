@@ -51,7 +51,7 @@ log = logging.getLogger("mtlsparse")
 COMPACT_FILE = "compact_model.pt"
 FORMAT = "mtlsparse-compact/1"
 TOLERANCE = 1e-4
-EXPORT_DEFAULTS = {"enabled": "auto", "batch": 16, "warmup": 3, "repeats": 20, "threads": 1}
+EXPORT_DEFAULTS = {"enabled": "auto", "batch": 8, "warmup": 2, "repeats": 10, "threads": 1}
 # layers whose channels are not independent of each other: a group touching them stays whole
 UNSAFE_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention, nn.RNNBase, nn.Embedding)
 
@@ -332,8 +332,8 @@ def build_run_model(cfg: DictConfig) -> tuple[nn.Module, tuple[int, ...]]:
 
 
 def export_model(model: nn.Module, input_shape: Sequence[int], out_dir: str | Path,
-                 config: DictConfig | dict | None = None, batch: int = 16, warmup: int = 3,
-                 repeats: int = 20, threads: int = 1, seed: int = 0) -> dict[str, Any]:
+                 config: DictConfig | dict | None = None, batch: int = 8, warmup: int = 2,
+                 repeats: int = 10, threads: int = 1, seed: int = 0) -> dict[str, Any]:
     """Compact `model`, check its outputs, save it to `out_dir`, and time both (CPU).
 
     Returns the metrics to merge into metrics.json.

@@ -331,3 +331,15 @@ def test_deeplab_resnet_compacts_trunk_and_aspp_concat_exactly(depth):
     fresh = deeplab.DeepLabResNet(tasks, (3, 32, 32), depth=depth, width=0.0625)
     shrink_to_(fresh, small.state_dict()).load_state_dict(small.state_dict())
     assert max_abs_diff(small, fresh, x) == 0
+
+
+def test_export_benchmark_writes_its_table(tmp_path):
+    pytest.importorskip("mtlsparse.models.deeplab")
+    from mtlsparse import bench_export
+
+    bench_export.main(["--depth", "18", "--width", "0.0625", "--size", "32", "--batch", "2", "--repeats", "1",
+                       "--warmup", "0", "--out", str(tmp_path)])
+    row = json.loads((tmp_path / "export.json").read_text())["rows"][0]
+    assert 60 < row["sparsity_group"] < 80 and row["max_abs_diff"] <= TOLERANCE
+    assert row["flop_ratio_trunk"] > 2 and row["params_trunk_compact"] < row["params_trunk_dense"]
+    assert "| 18 |" in (tmp_path / "export.md").read_text()
