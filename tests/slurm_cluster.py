@@ -10,11 +10,12 @@ nothing system-wide. Daemons run in the foreground as our children and are stopp
         subprocess.run(["sbatch", ...], env=cluster.env)   # SLURM_CONF points at this cluster
         cluster.submitted_job_ids()                         # ids slurmctld accepted
 
-As a script, `python tests/slurm_cluster.py [DIR]` starts one and keeps it up until Ctrl-C.
+As a script, `python tests/slurm_cluster.py [DIR]` starts one and keeps it up until Ctrl-C / SIGTERM.
 Needs root and the Debian packages slurm-wlm + munge (`make setup-slurm`).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -33,6 +34,14 @@ PARTITION = "debug"
 def missing_binaries() -> list[str]:
     """Slurm/munge programs not on PATH (empty when a cluster can be started)."""
     return [b for b in BINARIES if shutil.which(b) is None]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies (even by SIGKILL)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _free_port() -> int:
@@ -88,7 +97,7 @@ class SlurmCluster:
     def _spawn(self, name: str, cmd: list[str]) -> None:
         out = open(self.root / "log" / f"{name}.out", "ab")
         self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=_die_with_parent)
         out.close()
 
     def _start_munge(self) -> None:
@@ -217,10 +226,13 @@ class SlurmCluster:
 
 
 def main(argv: list[str]) -> int:
-    """Start a cluster in DIR (default: a new temp dir), print how to use it, stop it on Ctrl-C."""
+    """Start a cluster in DIR (default: a new temp dir), print how to use it, stop it on Ctrl-C or SIGTERM."""
     root = Path(argv[0]) if argv else Path(tempfile.mkdtemp(prefix="slurm-"))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` also stops the daemons
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # even when started in the background
     with SlurmCluster(root) as cluster:
-        print(f"Slurm is up: export SLURM_CONF={cluster.conf}   (logs in {root / 'log'}); Ctrl-C stops it")
+        print(f"Slurm is up: export SLURM_CONF={cluster.conf}   (logs in {root / 'log'}); "
+              f"Ctrl-C or `kill {os.getpid()}` stops it", flush=True)
         try:
             signal.pause()
         except KeyboardInterrupt:
