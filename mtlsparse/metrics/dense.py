@@ -97,12 +97,16 @@ class NormalErrors(Metric):
 
 
 def histogram_median(hist: Tensor, bin_width: float) -> Tensor:
-    """Median of the values counted in `hist` (bins [i·w, (i+1)·w)), linear within the median bin."""
+    """Median of the values counted in `hist` (bins [i·w, (i+1)·w)), to within one bin.
+
+    As numpy's median: the middle order statistic, or the mean of the two middle ones for an
+    even count, each taken at the centre of its bin.
+    """
     cumulative = hist.cumsum(0)
-    half = cumulative[-1] / 2
-    i = int(torch.searchsorted(cumulative, half))
-    below = cumulative[i - 1] if i > 0 else torch.zeros((), dtype=hist.dtype, device=hist.device)
-    return (i + (half - below) / hist[i].clamp_min(1)) * bin_width
+    n = int(cumulative[-1])
+    middle = torch.tensor([(n - 1) // 2 + 1, n // 2 + 1], dtype=cumulative.dtype, device=cumulative.device)
+    bins = torch.searchsorted(cumulative, middle)  # first bin holding at least k+1 values, k = middle order index
+    return (bins.to(torch.float64) + 0.5).mean() * bin_width
 
 
 def delta_m(values: Mapping[str, float], reference: Mapping[str, float], modes: Mapping[str, str]) -> float:
