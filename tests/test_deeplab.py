@@ -1,0 +1,195 @@
+"""DeepLab-ResNet multi-task model: torchvision-equivalent dilation, one trunk pass for all heads,
+local pretrained weights, structured sparsity on the ResNet trunk, and 2-step trainings of the
+dense datasets and the dense paper presets on tiny fakes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from conftest import compose_cfg
+from fakes_dense import write_fake_celeba, write_fake_cityscapes, write_fake_nyuv2
+from mtlsparse.config import compose_config
+from mtlsparse.models.deeplab import DeepLabResNet, ResNetTrunk
+from mtlsparse.sparsity.growl import GrOWL
+from mtlsparse.sparsity.group_lasso import GroupLasso
+from mtlsparse.tasks import Task
+from mtlsparse.train import run
+
+TASKS = {"seg": Task("seg", kind="segmentation", num_classes=5, ignore_index=-1),
+         "depth": Task("depth", kind="depth"), "normal": Task("normal", kind="normal"),
+         "male": Task("male", kind="binary"), "digit": Task("digit", num_classes=7)}
+TINY = {"width": 1 / 16}
+# 2 training steps on 32x32 fake data; export (physical compaction + CPU latency) has its own tests
+TRAIN_TINY = ["model=deeplab_resnet", "model.width=0.0625", "model.depth=18", "trainer=cpu", "trainer.max_epochs=1",
+              "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+              "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "dataset.batch_size=2",
+              "dataset.eval_batch_size=2", "dataset.num_workers=0", "++export.enabled=false"]
+
+
+def conv_config(module: nn.Module) -> dict[str, tuple]:
+    return {name: (m.in_channels, m.out_channels, m.kernel_size, m.stride, m.dilation, m.padding)
+            for name, m in module.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+@pytest.mark.parametrize("output_stride, dilate", [(8, [False, True, True]), (16, [False, False, True])])
+def test_resnet50_trunk_matches_torchvision_dilation(output_stride, dilate):
+    reference = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=dilate)
+    assert conv_config(ResNetTrunk(50, output_stride=output_stride)) == conv_config(reference)
+
+
+@pytest.mark.parametrize("depth", [18, 34])
+def test_basic_block_trunks_are_dilated_to_output_stride_8(depth):
+    trunk = ResNetTrunk(depth, width=1 / 16, output_stride=8)
+    assert trunk(torch.randn(2, 3, 64, 48)).shape[-2:] == (8, 6)
+    assert ResNetTrunk(depth, width=1 / 16, output_stride=16)(torch.randn(2, 3, 64, 48)).shape[-2:] == (4, 3)
+    first, rest = trunk.layer4[0], trunk.layer4[1]
+    assert first.conv1.stride == (1, 1) and first.conv1.dilation == (2, 2) and first.downsample[0].stride == (1, 1)
+    assert first.conv2.dilation == (4, 4) and rest.conv1.dilation == rest.conv1.padding == (4, 4)
+    assert trunk.layer3[1].conv2.dilation == (2, 2) and trunk.layer2[0].conv1.stride == (2, 2)
+
+
+def test_heads_give_each_task_kind_its_output_shape():
+    model = DeepLabResNet(TASKS, (3, 40, 36), depth=18, **TINY)
+    out = model(torch.randn(2, 3, 40, 36))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "seg": (2, 5, 40, 36), "depth": (2, 1, 40, 36), "normal": (2, 3, 40, 36), "male": (2, 1), "digit": (2, 7)}
+    grey = DeepLabResNet({"seg": TASKS["seg"]}, (1, 16, 16), depth=18, **TINY)
+    assert grey(torch.randn(2, 1, 16, 16))["seg"].shape == (2, 5, 16, 16) and grey.trunk.conv1.in_channels == 1
+
+
+def test_trunk_runs_once_per_batch_for_all_heads():
+    model = DeepLabResNet(TASKS, (3, 32, 32), depth=18, **TINY)
+    calls = []
+    model.trunk.register_forward_hook(lambda *_: calls.append(1))
+    model(torch.randn(2, 3, 32, 32))
+    assert len(calls) == 1
+    z = model.shared_representation(torch.randn(2, 3, 24, 32))  # MGDA-UB path: representation, then decode
+    assert model.decode(z)["seg"].shape[-2:] == (24, 32) and len(calls) == 2
+
+
+def test_contract_parameters_and_layers():
+    model = DeepLabResNet(TASKS, (3, 32, 32), depth=18, **TINY)
+    shared = {id(p) for p in model.shared_parameters()}
+    assert shared == {id(p) for p in model.trunk.parameters()}
+    for task in TASKS:
+        own = {id(p) for p in model.task_parameters(task)}
+        assert own and not own & shared
+    assert model.input_layers() == [model.trunk.conv1]
+    assert len(model.head_modules()) == len(TASKS)
+
+
+def test_pretrained_weights_load_from_a_local_file(tmp_path):
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    model = DeepLabResNet({"seg": TASKS["seg"]}, (3, 32, 32), depth=18, pretrained=str(tmp_path / "resnet18.pth"))
+    assert torch.equal(model.trunk.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
+    assert torch.equal(model.trunk.bn1.running_var, reference.bn1.running_var)
+    with pytest.raises(ValueError, match="does not fit this trunk"):
+        DeepLabResNet({"seg": TASKS["seg"]}, (3, 32, 32), depth=18, width=0.5, pretrained=str(tmp_path / "resnet18.pth"))
+
+
+@pytest.mark.parametrize("method", [GroupLasso(lam=1.0), GrOWL()])
+def test_structured_groups_are_the_trunk_convs_input_channels(method):
+    model = DeepLabResNet(TASKS, (3, 32, 32), depth=18, **TINY)
+    method.setup(model)
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    expected = [n for n in convs if n.startswith("trunk.") and n != "trunk.conv1"]
+    assert [layer.name for layer in method.layers] == expected  # stem and every head layer excluded
+    assert "trunk.layer2.0.downsample.0" in expected and len(expected) == 19  # 16 block convs + 3 shortcuts
+    for layer in method.layers:
+        assert layer.num_groups == layer.module.in_channels
+        assert layer.group_size == layer.module.out_channels * layer.module.kernel_size[0] * layer.module.kernel_size[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dense_data")
+    write_fake_nyuv2(root, label40=True)
+    write_fake_celeba(root)
+    write_fake_cityscapes(root)
+    return root
+
+
+EXPECTED_KEYS = {
+    "nyuv2": ["test/seg/miou", "test/seg/pix_acc", "test/depth/abs_err", "test/depth/rel_err",
+              "test/normal/mean_angle", "test/normal/median_angle", "test/normal/within_11_25",
+              "test/normal/within_22_5", "test/normal/within_30", "test/normal/loss"],
+    "celeba_mask": ["test/seg/miou", "test/male/acc", "test/smile/acc", "test/mean_acc"],
+    "cityscapes": ["test/seg/miou", "test/depth/abs_err", "test/depth/rel_err"],
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(EXPECTED_KEYS))
+def test_dense_datasets_train_two_steps(data_root, tmp_path, dataset):
+    extra = ["dataset.image_size=[16,32]"] if dataset == "cityscapes" else ["dataset.image_size=[32,32]"]
+    metrics = run(compose_cfg([f"dataset={dataset}", *TRAIN_TINY, *extra], data_root=data_root), tmp_path)
+    assert metrics["config/dataset"] == dataset and metrics["config/model"] == "deeplab_resnet"
+    for key in EXPECTED_KEYS[dataset]:
+        assert key in metrics, key
+    assert 0 <= metrics["test/seg/miou"] <= 1 and "test/delta_m" not in metrics
+
+
+@pytest.mark.parametrize("method", ["group_lasso", "growl"])
+def test_structured_methods_train_on_the_resnet_trunk(data_root, tmp_path, method):
+    """2 steps of deeplab_resnet on 32x32 fake NYUv2; a large λ zeroes channel groups of the trunk only."""
+    strong = ["lam=10", "optimizer.lr=0.05"] if method == "group_lasso" else ["method.lam=100", "optimizer.lr=0.05"]
+    cfg = compose_cfg(["dataset=nyuv2", *TRAIN_TINY, f"method={method}", *strong], data_root=data_root)
+    metrics = run(cfg, tmp_path)
+    assert metrics["sparsity/group"] > 0 and metrics["config/method"] == method
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert (state["model.trunk.conv1.weight"] != 0).all()  # the stem is not sparsified
+    assert all((v != 0).any() for k, v in state.items() if k.startswith("model.heads.") and k.endswith("weight"))
+    layers = json.loads((tmp_path / "layer_sparsity.json").read_text())
+    assert list(layers)[0] == "trunk.layer1.0.conv1" and "trunk.conv1" not in layers
+    assert any(v["group"] > 0 for v in layers.values()) and (tmp_path / "layer_sparsity.png").stat().st_size > 0
+
+
+def test_reference_gives_delta_m_and_selects_by_it(data_root, tmp_path):
+    reference = "dataset.reference={seg/miou:0.5,depth/abs_err:1.0,normal/mean_angle:40.0}"
+    metrics = run(compose_cfg(["dataset=nyuv2", *TRAIN_TINY, reference], data_root=data_root), tmp_path)
+    expected = (100 * (metrics["test/seg/miou"] - 0.5) / 0.5 - 100 * (metrics["test/depth/abs_err"] - 1.0)
+                - 100 * (metrics["test/normal/mean_angle"] - 40.0) / 40.0) / 3
+    assert metrics["test/delta_m"] == pytest.approx(expected, rel=1e-4)
+    log = (tmp_path / "logs" / "metrics.csv").read_text()
+    assert "val/delta_m" in log.splitlines()[0]
+
+
+DENSE_PRESETS = {
+    "lessismore_nyuv2": {"dataset": "nyuv2", "method": "group_lasso", "balancer": "uncertainty", "lam": 1e-5,
+                         "dataset.seg_classes": 40, "dataset.batch_size": 16, "model.depth": 50,
+                         "optimizer.lr": 1e-4, "dataset.image_size": [256, 256], "dataset.depth_loss": "mse"},
+    "lessismore_celeba": {"dataset": "celeba_mask", "method": "group_lasso", "balancer": "uncertainty", "lam": 1e-5,
+                          "dataset.batch_size": 32, "model.depth": 50, "optimizer.lr": 1e-4,
+                          "dataset.split": [0.6, 0.2, 0.2]},
+    "disparse_nyuv2": {"dataset": "nyuv2", "method": "disparse_dynamic", "balancer": "linear", "sparsity": 0.9,
+                       "model.depth": 34, "dataset.tasks": ["seg", "normal"], "k": [1.0, 20.0],
+                       "method.update_interval": 50, "method.drop_fraction": 0.5, "optimizer.lr": 1e-3},
+    "minmax_nyuv2": {"dataset": "nyuv2", "method": "minmax_dst", "balancer": "minmax", "sparsity": 0.9,
+                     "balancer.beta": 10.0, "balancer.gamma": 5.0, "model.depth": 34},
+}
+
+
+@pytest.mark.parametrize("name", sorted(DENSE_PRESETS))
+def test_dense_presets_set_the_recipe_and_train_two_steps(data_root, tmp_path, name):
+    from omegaconf import OmegaConf
+
+    cfg = compose_config([f"+experiment={name}"])
+    for key, expected in DENSE_PRESETS[name].items():
+        if key in ("dataset", "method", "balancer"):
+            assert cfg.hydra.runtime.choices[key] == expected
+        else:
+            value = OmegaConf.select(cfg, key)
+            value = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+            assert value == pytest.approx(expected) if isinstance(expected, float) else value == expected, key
+    small = ["dataset.image_size=[32,32]", "model.depth=18", "model.width=0.0625", "dataset.batch_size=2",
+             "dataset.eval_batch_size=2", "dataset.num_workers=0"]
+    if name != "lessismore_celeba":
+        small.append("dataset.seg_classes=40")
+    cfg = compose_cfg([f"+experiment={name}", *TRAIN_TINY, *small], data_root=data_root)
+    metrics = run(cfg, tmp_path)
+    assert metrics["config/method"] == DENSE_PRESETS[name]["method"]
+    assert "test/seg/miou" in metrics
