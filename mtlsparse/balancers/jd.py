@@ -1,0 +1,250 @@
+"""Gradient-manipulation balancers built on torchjd's aggregators (UPGrad, PCGrad, CAGrad, Nash-MTL, ...).
+
+Each step, the per-task gradients g_t of the shared parameters (`mode=params`) or of the
+shared representation z (`mode=representation`: a backward through the heads only, as
+in MGDA-UB) form a Jacobian J with one row per task; a torchjd aggregator maps J to one
+update direction d. The balancer then returns a surrogate scalar whose gradient is
+exactly d on the shared parameters (Jᵀ_z d, pulled back through the trunk, in
+representation mode), Σ_t ∇L_t on every other parameter (heads, attention, fusion
+weights), plus k0·∇L0. So Lightning's backward, gradient clipping, the optimizer step and
+the sparsity hooks (prox, mask re-application, RigL's reading of `.grad`) run unchanged.
+Weightings that ignore the gradients (`rlw`, `mean`, `sum`) skip J: Σ_t w_t L_t.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torchjd.aggregation as tja
+from torch import Tensor, nn
+
+from mtlsparse.balancers.base import BalanceContext, Balancer
+
+MODES = ("params", "representation")
+SOLVERS_HINT = 'pip install "mtlsparse[solvers]"'
+
+
+@dataclass(frozen=True)
+class AggregatorSpec:
+    """How to build one torchjd aggregator: constructor, default options, what it needs."""
+
+    factory: Callable[..., tja.Aggregator]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    preference: bool = False      # takes the task preference k as its `pref_vector`
+    gradient_free: bool = False   # its weights ignore the gradients (loss weighting, no Jacobian)
+    extra: str | None = None      # torchjd extra holding its optional solver
+
+
+def _nash_mtl(n_tasks: int, **options: Any) -> tja.Aggregator:
+    return tja.NashMTL(n_tasks=n_tasks, **options)
+
+
+AGGREGATORS: dict[str, AggregatorSpec] = {
+    "upgrad": AggregatorSpec(tja.UPGrad, preference=True),
+    "dualproj": AggregatorSpec(tja.DualProj, preference=True),
+    "aligned_mtl": AggregatorSpec(tja.AlignedMTL, {"scale_mode": "min"}, preference=True),
+    "config": AggregatorSpec(tja.ConFIG, preference=True),
+    "mgda": AggregatorSpec(tja.MGDA, {"epsilon": 1e-3, "max_iters": 100}),
+    "pcgrad": AggregatorSpec(tja.PCGrad),
+    "imtl_g": AggregatorSpec(tja.IMTLG),
+    "cagrad": AggregatorSpec(tja.CAGrad, {"c": 0.4}, extra="cagrad"),
+    "nashmtl": AggregatorSpec(_nash_mtl, {"max_norm": 1.0, "update_weights_every": 1, "optim_niter": 20},
+                              extra="nash-mtl"),
+    "graddrop": AggregatorSpec(tja.GradDrop, {"leak": None}),
+    "gradvac": AggregatorSpec(tja.GradVac, {"beta": 0.5}),
+    "rlw": AggregatorSpec(tja.Random, gradient_free=True),
+    "mean": AggregatorSpec(tja.Mean, gradient_free=True),
+    "sum": AggregatorSpec(tja.Sum, gradient_free=True),
+}
+
+
+class MissingSolverError(ImportError, ValueError):
+    """An aggregator's optional solver (cvxpy, ...) is not installed; the message names the pip command.
+
+    A ValueError too, so config building reports it as a one-line configuration error.
+    """
+
+
+def aggregator_options(name: str) -> list[str]:
+    """Keyword options of aggregator `name` that a config may set."""
+    params = inspect.signature(AGGREGATORS[name].factory).parameters
+    return [p for p in params if p not in ("pref_vector", "n_tasks", "options")] + [
+        k for k in AGGREGATORS[name].defaults if k not in params]
+
+
+def build_aggregator(name: str, num_tasks: int, preference: Tensor | None,
+                     options: Mapping[str, Any]) -> tja.Aggregator:
+    """The torchjd aggregator `name` with its defaults overridden by `options` (lists become tensors)."""
+    if name not in AGGREGATORS:
+        raise ValueError(f"balancer.aggregator must be one of {sorted(AGGREGATORS)}, got {name!r}")
+    spec = AGGREGATORS[name]
+    allowed = aggregator_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for balancer.aggregator={name}; allowed: {allowed}")
+    kwargs = {**spec.defaults, **options}
+    kwargs = {k: torch.tensor([float(x) for x in v]) if isinstance(v, Sequence) and not isinstance(v, str) else v
+              for k, v in kwargs.items()}
+    if spec.preference:
+        kwargs["pref_vector"] = preference
+    if spec.factory is _nash_mtl:
+        kwargs["n_tasks"] = num_tasks
+    try:
+        return spec.factory(**kwargs)
+    except ImportError as err:
+        raise MissingSolverError(f"balancer.aggregator={name} needs an optional solver ({err}). Install it with: "
+                                 f'{SOLVERS_HINT} (or pip install "torchjd[{spec.extra}]")') from err
+
+
+def has_representation(model: nn.Module) -> bool:
+    """Whether `model` exposes `shared_representation(x)` and `decode(z)` (HPS-like models)."""
+    return callable(getattr(model, "shared_representation", None)) and callable(getattr(model, "decode", None))
+
+
+def no_representation_error(balancer: str, model_name: str) -> ValueError:
+    """The error for representation mode on a model without a shared representation; it names the fix."""
+    return ValueError(f"balancer {balancer} with mode=representation needs a model with `shared_representation(x)` "
+                      f"and `decode(z)`; {model_name} has none. Use balancer.mode=params instead.")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def flat_grads(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
+    """One flat vector of gradients (zeros where a tensor got none)."""
+    return torch.cat([(torch.zeros_like(t) if g is None else g).flatten() for g, t in zip(grads, like)])
+
+
+def linear_surrogate(pairs: Sequence[tuple[Tensor, Tensor]], value: Tensor) -> Tensor:
+    """A scalar equal to `value` whose gradient w.r.t. each tensor p of `pairs` is exactly its paired g.
+
+    Σ ⟨p, g⟩ − (the same, detached) + value: the gradient of ⟨p, g⟩ w.r.t. p is g bit for bit.
+    """
+    terms = [(p * g.detach()).sum() for p, g in pairs]
+    if not terms:
+        return value.detach()
+    surrogate = torch.stack(terms).sum()
+    return surrogate - surrogate.detach() + value.detach()
+
+
+class JD(Balancer):
+    """Jacobian-descent balancer: per-task gradients → torchjd aggregator → update direction d.
+
+    `aggregator` picks the rule (`upgrad` default; `pcgrad`, `cagrad`, `nashmtl`, `imtl_g`,
+    `aligned_mtl`, `graddrop`, `dualproj`, `gradvac`, `mgda`, `config`, `rlw`, `mean`, `sum`);
+    further keyword options go to its torchjd constructor (e.g. `c` for cagrad). The
+    preference `k` is the `pref_vector` of aggregators that take one (upgrad, dualproj,
+    aligned_mtl, config) and unused by the others. Under DDP in params mode every rank
+    aggregates the rank-averaged Jacobian and uses rank 0's d (random aggregators agree);
+    representation mode aggregates each rank's own batch. Stateful aggregators (GradVac's
+    EMA, Nash-MTL's cached weights) keep their state in memory only, not in checkpoints.
+    The returned value is Σ k_t L_t (+ k0·L0), for logging; its gradient is the direction above.
+    """
+
+    def __init__(self, tasks: Sequence[str], k0: float = 0.0, k: Sequence[float] | None = None,
+                 aggregator: str = "upgrad", mode: str = "params", **options: Any) -> None:
+        super().__init__(tasks, k0, k)
+        if mode not in MODES:
+            raise ValueError(f"balancer.mode must be one of {MODES}, got {mode!r}")
+        built = build_aggregator(aggregator, len(self.tasks), self.k.clone(), dict(options))
+        # a plain attribute, not a submodule: stateful aggregators' lazily created buffers would break strict loading
+        object.__setattr__(self, "aggregator", built)
+        self.aggregator_name, self.mode, self.spec = aggregator, mode, AGGREGATORS[aggregator]
+        self.needs_representation = mode == "representation" and not self.spec.gradient_free
+        self.register_buffer("weights", torch.full((len(self.tasks),), float("nan")), persistent=False)
+        self._params: list[nn.Parameter] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"jd/{self.aggregator_name}"
+
+    def setup(self, model: nn.Module) -> None:
+        """Remember the model's parameters (non-shared ones get Σ_t ∇L_t); check the mode fits the model."""
+        self._params = list(model.parameters())
+        if self.spec.gradient_free:
+            return
+        if self.needs_representation and not has_representation(model):
+            raise no_representation_error(self.name, type(model).__name__)
+        shared = getattr(model, "shared_parameters", None)
+        if shared is not None and not any(p.requires_grad for p in shared()):
+            raise ValueError(f"balancer {self.name} needs shared parameters, but {type(model).__name__} has none "
+                             "(e.g. model=stl); use a loss-weighting balancer such as balancer=linear")
+
+    def forward(self, losses: dict[str, Tensor], penalty: Tensor | None, ctx: BalanceContext) -> Tensor:
+        stacked = self.stack(losses)
+        value = (self.k * stacked).sum()
+        if self.spec.gradient_free:
+            with torch.no_grad():
+                weights = self.aggregator.weighting(stacked.detach().reshape(-1, 1)).to(stacked)
+                self.weights.copy_(weights)
+            return self.add_penalty((weights * stacked).sum(), penalty)
+        if self._params is None:
+            raise RuntimeError(f"balancer {self.name}: call setup(model) before training (MultiTaskModule does)")
+        return self.add_penalty(linear_surrogate(self._directions(losses, ctx), value), penalty)
+
+    def _directions(self, losses: dict[str, Tensor], ctx: BalanceContext) -> list[tuple[Tensor, Tensor]]:
+        """(parameter, gradient) pairs: d on the shared parameters, Σ_t ∇L_t on the others."""
+        shared_params = [p for p in ctx.shared_params if p.requires_grad]
+        if self.needs_representation:
+            if ctx.representation is None:
+                raise no_representation_error(self.name, "the model")
+            rows_of = [ctx.representation]
+        else:
+            if not shared_params:
+                raise ValueError(f"balancer {self.name} needs shared parameters, but the model has none; "
+                                 "use a loss-weighting balancer such as balancer=linear")
+            rows_of = shared_params
+        shared_ids = {id(p) for p in ctx.shared_params}
+        others = [p for p in self._params if p.requires_grad and id(p) not in shared_ids]
+        wrt = rows_of + others
+        rows: list[Tensor] = []
+        other_grads: list[Tensor | None] = [None] * len(others)
+        for task in self.tasks:
+            loss = losses[task]
+            grads = (torch.autograd.grad(loss, wrt, retain_graph=True, allow_unused=True) if loss.requires_grad
+                     else (None,) * len(wrt))
+            rows.append(flat_grads(grads[:len(rows_of)], rows_of))
+            for i, g in enumerate(grads[len(rows_of):]):
+                if g is not None:
+                    other_grads[i] = g if other_grads[i] is None else other_grads[i] + g
+        direction = self._aggregate(torch.stack(rows))
+        pieces = [piece.view_as(t) for piece, t in zip(direction.split([t.numel() for t in rows_of]), rows_of)]
+        if self.needs_representation:  # pull d back through the trunk: Jᵀ_z d on the shared parameters
+            grads = torch.autograd.grad(ctx.representation, shared_params, grad_outputs=pieces[0], retain_graph=True,
+                                        allow_unused=True)
+            shared_pairs = [(p, g) for p, g in zip(shared_params, grads) if g is not None]
+        else:
+            shared_pairs = list(zip(shared_params, pieces))
+        return shared_pairs + [(p, g) for p, g in zip(others, other_grads) if g is not None]
+
+    @torch.no_grad()
+    def _aggregate(self, jacobian: Tensor) -> Tensor:
+        """Direction d from the Jacobian (rows = tasks); records the task weights when the rule has them."""
+        global_rows = _distributed() and not self.needs_representation
+        if global_rows:
+            dist.all_reduce(jacobian)
+            jacobian /= dist.get_world_size()
+        if self.spec.preference and self.aggregator.pref_vector.device != jacobian.device:
+            self.aggregator.pref_vector = self.k.to(jacobian)
+        if isinstance(self.aggregator, tja.WeightedAggregator):
+            weights = self.aggregator.weighting(jacobian).to(jacobian)
+            self.weights.copy_(weights)
+            direction = weights @ jacobian
+        else:
+            direction = self.aggregator(jacobian)
+        if global_rows:
+            dist.broadcast(direction, src=0)
+        if not torch.isfinite(direction).all():
+            raise FloatingPointError(f"balancer {self.name} produced a non-finite update direction from task "
+                                     f"gradients of norms {jacobian.norm(dim=1).tolist()}")
+        return direction
+
+    def state_summary(self) -> dict[str, float]:
+        if torch.isnan(self.weights).any():
+            return {}
+        return {f"w/{t}": float(w) for t, w in zip(self.tasks, self.weights)}
