@@ -6,10 +6,13 @@ epoch, before validation and checkpointing), and logs task and sparsity metrics.
 """
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -64,6 +67,7 @@ class MultiTaskModule(L.LightningModule):
         self.samples_seen = 0
         self.train_seconds = 0.0
         self._epoch_t0 = 0.0
+        self._pending_rng: dict[str, Any] | None = None
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.model(x)
@@ -188,6 +192,40 @@ class MultiTaskModule(L.LightningModule):
         self.balancer.on_train_epoch_end(self)
         self.log_dict({f"balancer/{k}": v for k, v in self.balancer.state_summary().items()})
 
+    # ------------------------------------------------------------------ resume
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store what a resumed run needs to continue bit-identically: RNG streams and run counters.
+
+        Checkpoints are written at epoch ends, after this epoch's hooks, so these states are
+        exactly those the next epoch starts from.
+        """
+        checkpoint["mtlsparse"] = {
+            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "epoch_hooks_done": self._epoch_hooks_done,
+            "samples_seen": self.samples_seen,
+            "train_seconds": self.train_seconds,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("mtlsparse")
+        if state is None:
+            return
+        self._epoch_hooks_done = state["epoch_hooks_done"]
+        self.samples_seen = state["samples_seen"]
+        self.train_seconds = state["train_seconds"]
+        self._pending_rng = state["rng"]  # applied in on_train_start, after fit-start hooks used the RNG
+
+    def on_train_start(self) -> None:
+        if self._pending_rng is None:
+            return
+        rng, self._pending_rng = self._pending_rng, None
+        torch.set_rng_state(rng["torch"])
+        _set_numpy_rng_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
     # -------------------------------------------------------------- optimizers
     def configure_optimizers(self):
         groups = [{"params": list(self.model.parameters())}]
@@ -199,3 +237,15 @@ class MultiTaskModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    """NumPy's global RNG state as tensors and ints (checkpoints load with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached"]))

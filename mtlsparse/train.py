@@ -21,10 +21,11 @@ from mtlsparse.config import apply_preference, build, check_task_count, validate
 from mtlsparse.export import export_after_training
 from mtlsparse.io import environment, write_json
 from mtlsparse.metrics.sparsity import matrix_weights, param_counts, row_metrics
-from mtlsparse.sparsity.layer_report import write_layer_report
-from mtlsparse.sparsity.mask_analysis import write_mask_report
 from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.module import MultiTaskModule
+from mtlsparse.resume import plan_run, record_job
+from mtlsparse.sparsity.layer_report import write_layer_report
+from mtlsparse.sparsity.mask_analysis import write_mask_report
 
 log = logging.getLogger("mtlsparse")
 ECHOED_KNOBS = ("k0", "k", "lam", "sparsity", "seed")
@@ -66,16 +67,21 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> MultiTas
                            reference=getattr(datamodule, "reference", None))
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ModelCheckpoint]:
-    """Lightning Trainer from `cfg.trainer`, with checkpointing, CSV logs and a rich progress bar."""
+def build_trainer(cfg: DictConfig, run_dir: Path, log_version: str = "") -> tuple[L.Trainer, ModelCheckpoint]:
+    """Lightning Trainer from `cfg.trainer`, with checkpointing, CSV logs and a rich progress bar.
+
+    CSV logs go to `logs/metrics.csv`; a resumed run logs to `logs/<log_version>/` so the
+    interrupted attempt's log is kept.
+    """
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor="val/select", mode="max",
-                                 save_top_k=1, save_last=True, filename="best-epoch{epoch:03d}",
-                                 auto_insert_metric_name=False)
-    callbacks: list[L.Callback] = [checkpoint]
+                                 save_top_k=1, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False)
+    # every epoch end, whatever the score (save_last only fires together with a top-k save): what resume reads
+    latest = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=1, filename="last", enable_version_counter=False)
+    callbacks: list[L.Callback] = [checkpoint, latest]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar(leave=False))
     trainer = build(cfg, "trainer", callbacks=callbacks, default_root_dir=str(run_dir),
-                    logger=CSVLogger(str(run_dir), name="logs", version=""))
+                    logger=CSVLogger(str(run_dir), name="logs", version=log_version))
     return trainer, checkpoint
 
 
@@ -108,15 +114,23 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     route_lightning_logs_through_hydra()
     apply_preference(cfg)
     validate_knobs(cfg)
+    plan = plan_run(cfg, run_dir)
+    if plan.action == "skip":
+        log.info("%s already holds a finished run of this config: skipped (%s)", run_dir, summary_line(plan.metrics))
+        return plan.metrics
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build(cfg, "dataset")
     module = build_module(cfg, datamodule)
-    trainer, checkpoint = build_trainer(cfg, run_dir)
+    log_version = "" if plan.ckpt is None else f"resumed-{len(list(run_dir.glob('logs/resumed-*'))) + 1}"
+    trainer, checkpoint = build_trainer(cfg, run_dir, log_version)
     if trainer.is_global_zero:
         write_json(run_dir / "environment.json", environment())
+        record_job(cfg, run_dir)
+    if plan.ckpt is not None:
+        log.info("resuming from %s", plan.ckpt)
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.ckpt) if plan.ckpt else None)
     train_s = time.perf_counter() - start
     ckpt = checkpoint.best_model_path if cfg.test_ckpt == "best" and checkpoint.best_model_path else None
     if ckpt:  # load here (not via trainer.test) so the sparsity metrics read the tested weights
@@ -127,9 +141,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     metrics["checkpoint/tested"] = Path(ckpt).name if ckpt else "last"
     if trainer.is_global_zero:
         write_mask_report(module.method, run_dir)  # per-layer IoU of task masks, for methods that keep them
+        write_layer_report(module.method, run_dir)  # per-layer group/param sparsity, for structured methods
         metrics.update(export_after_training(cfg, module.model, module.method.structured,
                                              datamodule.input_shape, run_dir))  # compact model + latency
-        write_layer_report(module.method, run_dir)  # per-layer group/param sparsity, for structured methods
         write_json(run_dir / "metrics.json", metrics)
         log.info("%s → %s", summary_line(metrics), run_dir / "metrics.json")
     return metrics

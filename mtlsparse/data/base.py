@@ -11,7 +11,13 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+)
 
 from mtlsparse.tasks import Task
 
@@ -35,10 +41,14 @@ class BatchIndexDataset(Dataset):
     """Map-style dataset indexed by a whole batch of indices at once.
 
     ``ds[indices]`` returns ``(x, targets)``: ``x`` float32 ``[B,C,H,W]`` normalised,
-    ``targets`` a dict task name -> int64 ``[B]`` in task order.
+    ``targets`` a dict task name -> int64 ``[B]`` in task order. With ``shift > 0``
+    each image is translated by a random integer offset in ``[-shift, shift]`` per
+    axis (zero fill): cheap augmentation for the training split, drawn from
+    ``generator`` so runs stay reproducible.
     """
 
-    def __init__(self, images: Tensor, targets: Tensor, task_names: list[str], mean, std) -> None:
+    def __init__(self, images: Tensor, targets: Tensor, task_names: list[str], mean, std,
+                 shift: int = 0, generator: torch.Generator | None = None) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 [N,C,H,W], got {images.dtype} {tuple(images.shape)}")
         if targets.shape != (len(images), len(task_names)):
@@ -49,15 +59,32 @@ class BatchIndexDataset(Dataset):
         std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self._scale = 1.0 / (255.0 * std_t)  # (x/255 - mean)/std == x*scale - shift
         self._shift = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1) / std_t
+        if shift < 0:
+            raise ValueError(f"augment_shift must be >= 0 pixels, got {shift}")
+        self.shift = shift
+        self.generator = generator
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, indices) -> tuple[Tensor, dict[str, Tensor]]:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        x = self.images[idx].float().mul_(self._scale).sub_(self._shift)
+        images = self.images[idx]
+        if self.shift:
+            images = random_translate(images, self.shift, self.generator)
+        x = images.float().mul_(self._scale).sub_(self._shift)
         y = self.targets[:, idx]
         return x, {name: y[t] for t, name in enumerate(self.task_names)}
+
+
+def random_translate(images: Tensor, shift: int, generator: torch.Generator | None = None) -> Tensor:
+    """Translate each image of ``[B,C,H,W]`` by its own random offset in ``[-shift, shift]`` (zero fill)."""
+    b, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (shift, shift, shift, shift))
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, b, 1), generator=generator)
+    rows = (torch.arange(h) + dy)[:, None, :, None]  # [B,1,H,1]
+    cols = (torch.arange(w) + dx)[:, None, None, :]  # [B,1,1,W]
+    return padded[torch.arange(b)[:, None, None, None], torch.arange(images.shape[1])[None, :, None, None], rows, cols]
 
 
 class MultiTaskDataModule(L.LightningDataModule):
@@ -79,6 +106,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         num_workers: int = 0,
         limit_train: int | None = None,
         limit_test: int | None = None,
+        augment_shift: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -96,12 +124,30 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.limit_train = limit_train
         self.limit_test = limit_test
+        if augment_shift < 0:
+            raise ValueError(f"augment_shift must be >= 0 pixels, got {augment_shift}")
+        self.augment_shift = augment_shift
         self.tasks: dict[str, Task] = {}
         self.input_shape: tuple[int, int, int] = (0, 0, 0)
         self.train_indices: Tensor | None = None  # into the (limited) full training set
         self.val_indices: Tensor | None = None
         self.datasets: dict[str, BatchIndexDataset] = {}
         self._shuffle_generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """RNG streams of shuffling and augmentation, saved in checkpoints so a resumed run
+        sees the same batches as an uninterrupted one."""
+        state = {"shuffle": self._shuffle_generator.get_state()}
+        train = self.datasets.get("train")
+        if train is not None and train.generator is not None:
+            state["augment"] = train.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self._shuffle_generator.set_state(state["shuffle"])
+        if "augment" in state:
+            self.setup("fit")
+            self.datasets["train"].generator.set_state(state["augment"])
 
     def load(self) -> ImageData:
         """Return the full train and test data (building it if needed)."""
@@ -124,11 +170,12 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.val_indices, self.train_indices = perm[:n_val].sort().values, perm[n_val:].sort().values
         names = list(self.tasks)
 
-        def dataset(x: Tensor, y: Tensor) -> BatchIndexDataset:
-            return BatchIndexDataset(x, y, names, data.mean, data.std)
+        def dataset(x: Tensor, y: Tensor, **augment) -> BatchIndexDataset:
+            return BatchIndexDataset(x, y, names, data.mean, data.std, **augment)
 
+        augment = {"shift": self.augment_shift, "generator": torch.Generator().manual_seed(self.seed + 1)}
         self.datasets = {
-            "train": dataset(train_x[self.train_indices], train_y[self.train_indices]),
+            "train": dataset(train_x[self.train_indices], train_y[self.train_indices], **augment),
             "val": dataset(train_x[self.val_indices], train_y[self.val_indices]),
             "test": dataset(test_x, test_y),
         }
@@ -151,6 +198,10 @@ class MultiTaskDataModule(L.LightningDataModule):
             batch_size=None,  # the dataset returns whole batches
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # the loader draws its workers' base seed from this, not from the global RNG: a resumed
+            # run then sees the same global random stream (dropout, DST regrowth) as an uninterrupted one
+            generator=self._shuffle_generator if shuffle else torch.Generator().manual_seed(self.seed),
+            worker_init_fn=_reseed_worker_augmentation,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -161,6 +212,14 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False, self.eval_batch_size)
+
+
+def _reseed_worker_augmentation(worker_id: int) -> None:
+    """Give each loader worker its own augmentation stream (derived from the loader's seed)."""
+    info = torch.utils.data.get_worker_info()
+    generator = getattr(info.dataset, "generator", None) if info is not None else None
+    if generator is not None:
+        generator.manual_seed(torch.initial_seed() % 2**63)
 
 
 def _subsample(images: Tensor, targets: Tensor, limit: int | None, generator: torch.Generator):

@@ -50,6 +50,7 @@ class HPS(SharedTrunkModel):
     """LeNet HPS of METHODS.md §1: Conv(10,k5)-pool-ReLU-Conv(20,k5)-pool-ReLU-FC(50)-ReLU + FC heads."""
 
     def __init__(self, tasks: dict[str, Task], in_shape: Sequence[int], channels: Sequence[int] = (10, 20),
-                 hidden: int = 50, kernel_size: int = 5, batch_norm: bool = False) -> None:
-        trunk = lenet_trunk(in_shape, channels, hidden, kernel_size, batch_norm)
+                 hidden: int = 50, kernel_size: int = 5, batch_norm: bool = False,
+                 dropout: float = 0.0) -> None:
+        trunk = lenet_trunk(in_shape, channels, hidden, kernel_size, batch_norm, dropout)
         super().__init__(tasks, trunk, {name: nn.Linear(hidden, t.out_dim) for name, t in tasks.items()})

@@ -9,11 +9,12 @@ from mtlsparse.models.base import flat_features
 
 
 def lenet_trunk(in_shape: Sequence[int], channels: Sequence[int] = (10, 20), hidden: int = 50,
-                kernel_size: int = 5, batch_norm: bool = False) -> nn.Sequential:
+                kernel_size: int = 5, batch_norm: bool = False, dropout: float = 0.0) -> nn.Sequential:
     """Conv(k5)-pool-ReLU blocks then Flatten-FC-ReLU (METHODS.md §1, HPS trunk).
 
     The FC input size is derived from `in_shape`, so the same trunk serves 28×28,
     36×36 and small (e.g. 12×12 digits) inputs; `kernel_size` shrinks for tiny images.
+    `dropout` (after the FC ReLU) regularises the wider variants, which overfit Multi-Fashion.
     """
     layers: list[nn.Module] = []
     c_in, size = in_shape[0], min(in_shape[1:])
@@ -28,7 +29,12 @@ def lenet_trunk(in_shape: Sequence[int], channels: Sequence[int] = (10, 20), hid
         layers += [nn.MaxPool2d(2), nn.ReLU()]
         c_in = c_out
     convs = nn.Sequential(*layers)
-    return nn.Sequential(*convs, nn.Flatten(), nn.Linear(flat_features(in_shape, convs), hidden), nn.ReLU())
+    fc = [nn.Flatten(), nn.Linear(flat_features(in_shape, convs), hidden), nn.ReLU()]
+    if dropout:
+        if not 0.0 < dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
+        fc.append(nn.Dropout(dropout))
+    return nn.Sequential(*convs, *fc)
 
 
 def first_layer(trunk: nn.Module) -> nn.Module:

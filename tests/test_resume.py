@@ -1,0 +1,111 @@
+"""Resume: a run killed mid-epoch and resumed ends exactly where the uninterrupted run ends;
+re-running finished work skips it; a run dir never mixes configs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mtlsparse.config import ConfigError
+from mtlsparse.module import MultiTaskModule
+from mtlsparse.train import run
+
+RESUMABLE = [
+    "trainer.max_epochs=4",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "test_ckpt=last",
+]
+KILL_AT_STEP = 7  # epoch 2, second batch: the newest checkpoint is from the end of epoch 1
+
+# one combination per kind of state that must survive the restart
+CASES = {
+    "growl+chebyshev (AL multipliers, phases, tying)": [
+        "method=growl", "k0=1e-3", "balancer.epochs_per_iteration=1", "method.phase1_iterations=2",
+        "method.s_lmax=0.5", "method.s_min=0.0"],
+    "rigl+minmax (masks, rewire counter, simplex weights)": [
+        "method=rigl", "sparsity=0.8", "method.update_interval=2", "method.end_step=10",
+        "balancer=minmax", "balancer.update_every=2"],
+    "set+uncertainty (random regrowth, log-variances)": [
+        "method=set", "sparsity=0.7", "method.update_interval=2", "method.end_step=10", "balancer=uncertainty"],
+    "reweighted_l1+dwa (stage boundaries, loss history)": [
+        "method=reweighted_l1", "sparsity=0.7", "method.pretrain_epochs=1", "method.reweight_epochs=2",
+        "method.refresh_every=1", "balancer=dwa"],
+    "magnitude gradual + dropout + augmentation (RNG streams)": [
+        "method=magnitude", "sparsity=0.6", "method.schedule=gradual", "method.start_epoch=0",
+        "method.end_epoch=2", "model.dropout=0.3", "dataset.augment_shift=2"],
+    "group_lasso + snip-free prox": ["method=group_lasso", "lam=1e-2"],
+}
+
+
+class Killed(RuntimeError):
+    """Stands in for SIGKILL / preemption in the middle of an epoch."""
+
+
+def _kill_at(monkeypatch, step: int) -> None:
+    original = MultiTaskModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == step:
+            raise Killed(f"killed at step {step}")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(MultiTaskModule, "training_step", training_step)
+
+
+def _results(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return {k: v for k, v in metrics.items() if not k.startswith(("time/", "latency/"))}, state
+
+
+@pytest.mark.parametrize("overrides", list(CASES.values()), ids=list(CASES))
+def test_killed_run_resumes_to_identical_metrics(tiny_cfg, tmp_path, monkeypatch, overrides):
+    cfg = lambda: tiny_cfg(*RESUMABLE, *overrides)
+    run(cfg(), tmp_path / "straight")
+    straight_metrics, straight_state = _results(tmp_path / "straight")
+
+    with monkeypatch.context() as patch:
+        _kill_at(patch, KILL_AT_STEP)
+        with pytest.raises(Killed):
+            run(cfg(), tmp_path / "killed")
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    ckpt = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 1  # the kill hit epoch 2, so the run really continues from the middle
+    run(cfg(), tmp_path / "killed")  # resume=auto picks up checkpoints/last.ckpt
+    resumed_metrics, resumed_state = _results(tmp_path / "killed")
+    # both attempts' training logs are kept
+    assert (tmp_path / "killed" / "logs" / "metrics.csv").exists()
+    assert (tmp_path / "killed" / "logs" / "resumed-1" / "metrics.csv").exists()
+
+    assert resumed_metrics == straight_metrics
+    for key, value in straight_state["state_dict"].items():
+        assert torch.equal(resumed_state["state_dict"][key], value), key
+
+
+def test_finished_run_is_skipped_and_kept(tiny_cfg, tmp_path, monkeypatch):
+    first = run(tiny_cfg("method=group_lasso", "lam=1e-2"), tmp_path)
+    stamp = (tmp_path / "metrics.json").stat().st_mtime_ns
+    monkeypatch.setattr(MultiTaskModule, "training_step", lambda *a: pytest.fail("a finished run was retrained"))
+    again = run(tiny_cfg("method=group_lasso", "lam=1e-2"), tmp_path)
+    assert again == first and (tmp_path / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_run_dir_of_another_config_is_refused(tiny_cfg, tmp_path):
+    run(tiny_cfg("method=group_lasso", "lam=1e-2"), tmp_path)
+    with pytest.raises(ConfigError, match="different config"):
+        run(tiny_cfg("method=group_lasso", "lam=2e-2"), tmp_path)
+    with pytest.raises(ConfigError, match="finished run"):
+        run(tiny_cfg("method=group_lasso", "lam=1e-2", "resume=false"), tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text())["config/lam"] == 1e-2
+
+
+def test_resume_errors_name_the_fix(tiny_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="holds no run to resume"):
+        run(tiny_cfg("resume=true"), tmp_path / "empty")
+    with pytest.raises(ConfigError, match="ckpt_path=.*does not exist"):
+        run(tiny_cfg(f"ckpt_path={tmp_path}/nope.ckpt"), tmp_path / "x")
+    with pytest.raises(ConfigError, match="resume="):
+        run(tiny_cfg("resume=maybe"), tmp_path / "y")
