@@ -12,8 +12,11 @@ from torch import nn
 
 from conftest import compose_cfg
 from fakes_dense import write_fake_celeba, write_fake_cityscapes, write_fake_nyuv2
+from mtlsparse.balancers.linear import Linear
 from mtlsparse.config import compose_config
 from mtlsparse.models.deeplab import DeepLabResNet, ResNetTrunk
+from mtlsparse.module import MultiTaskModule
+from mtlsparse.sparsity.base import Dense
 from mtlsparse.sparsity.growl import GrOWL
 from mtlsparse.sparsity.group_lasso import GroupLasso
 from mtlsparse.tasks import Task
@@ -103,6 +106,25 @@ def test_structured_groups_are_the_trunk_convs_input_channels(method):
     for layer in method.layers:
         assert layer.num_groups == layer.module.in_channels
         assert layer.group_size == layer.module.out_channels * layer.module.kernel_size[0] * layer.module.kernel_size[1]
+
+
+def make_module(tasks: dict[str, Task], reference=None) -> MultiTaskModule:
+    model = DeepLabResNet(tasks, (3, 16, 16), depth=18, **TINY)
+    return MultiTaskModule(model, Linear(list(tasks)), Dense(), torch.optim.Adam, reference=reference)
+
+
+def test_checkpoint_score_without_reference_is_scale_free_for_mixed_directions():
+    module = make_module({"seg": TASKS["seg"], "normal": TASKS["normal"]})
+    assert module._selection_score({"val/seg/miou": 0.2, "val/normal/mean_angle": 40.0}) == pytest.approx(0, abs=1e-5)  # first val
+    # normals 10% better (36°) outweighs mIoU 5% worse (0.19): degrees do not swamp mIoU, nor the reverse
+    assert module._selection_score({"val/seg/miou": 0.19, "val/normal/mean_angle": 36.0}) == pytest.approx(2.5, abs=1e-5)
+    assert module._selection_score({"val/seg/miou": 0.3, "val/normal/mean_angle": 40.0}) == pytest.approx(25.0, abs=1e-4)
+    assert "select_reference" in module.state_dict()  # checkpoints and resumed runs keep the scale
+    accuracy_only = make_module({"seg": TASKS["seg"], "male": TASKS["male"]})
+    assert accuracy_only._selection_score({"val/seg/miou": 0.5, "val/male/acc": 0.7}) == pytest.approx(0.6)
+    assert "select_reference" not in accuracy_only.state_dict()
+    referenced = make_module({"seg": TASKS["seg"], "normal": TASKS["normal"]}, reference={"seg/miou": 0.25})
+    assert referenced._selection_score({"val/delta_m": 3.0}) == 3.0
 
 
 @pytest.fixture(scope="module")

@@ -243,3 +243,13 @@ def test_cityscapes_missing_root_says_where_files_go(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         Cityscapes(root=str(tmp_path)).setup()
     assert str(tmp_path / "cityscapes") in str(err.value) and "leftImg8bit/{train,val}/<city>/" in str(err.value)
+
+
+def test_nyuv2_float_images_outside_0_1_are_refused(tmp_path):
+    write_fake_nyuv2(tmp_path, n_train=2, n_test=1)
+    path = tmp_path / "nyuv2" / "val" / "image" / "0.npy"
+    np.save(path, np.load(path) * 255)
+    dm = NYUv2(root=str(tmp_path), val_fraction=0.0)
+    dm.setup()
+    with pytest.raises(ValueError, match="float images must be in \\[0, 1\\]"):
+        dm.datasets["test"][0]

@@ -141,6 +141,9 @@ def image_tensor(array: np.ndarray) -> Tensor:
     """HxWx3 image (uint8 0..255, or float 0..1) → float32 `[3,H,W]` in [0, 1]."""
     if array.ndim != 3 or array.shape[-1] != 3:
         raise ValueError(f"expected an HxWx3 image, got shape {array.shape}")
+    if array.dtype != np.uint8 and float(array.max()) > 1.0 + 1e-3:
+        raise ValueError(f"float images must be in [0, 1], got values up to {float(array.max()):.4g} "
+                         "(store uint8 for the 0..255 range)")
     scale = 255.0 if array.dtype == np.uint8 else 1.0
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float() / scale
 
