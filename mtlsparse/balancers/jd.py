@@ -141,8 +141,8 @@ class JD(Balancer):
     preference `k` is the `pref_vector` of aggregators that take one (upgrad, dualproj,
     aligned_mtl, config) and unused by the others. Under DDP in params mode every rank
     aggregates the rank-averaged Jacobian and uses rank 0's d (random aggregators agree);
-    representation mode aggregates each rank's own batch. Stateful aggregators (GradVac's
-    EMA, Nash-MTL's cached weights) keep their state in memory only, not in checkpoints.
+    representation mode aggregates each rank's own batch. The state of the stateful
+    aggregators (GradVac's similarity EMA, Nash-MTL's last weights) is saved in checkpoints.
     The returned value is Σ k_t L_t (+ k0·L0), for logging; its gradient is the direction above.
     """
 
@@ -243,6 +243,29 @@ class JD(Balancer):
             raise FloatingPointError(f"balancer {self.name} produced a non-finite update direction from task "
                                      f"gradients of norms {jacobian.norm(dim=1).tolist()}")
         return direction
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Checkpointed state of stateful aggregators (tensors and ints only, so weights_only loading works).
+
+        It reaches into torchjd 0.18's GradVac / Nash-MTL attributes (the version is pinned in pyproject).
+        """
+        weighting = getattr(self.aggregator, "gramian_weighting", None) or getattr(self.aggregator, "weighting", None)
+        if isinstance(weighting, tja.GradVacWeighting) and weighting._phi_t is not None:
+            return {"phi": weighting._phi_t.clone()}
+        if isinstance(self.aggregator, tja.NashMTL):
+            return {"step": int(weighting.step), "alpha": torch.from_numpy(weighting.prvs_alpha.copy())}
+        return {}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        weighting = getattr(self.aggregator, "gramian_weighting", None) or getattr(self.aggregator, "weighting", None)
+        if "phi" in state and isinstance(weighting, tja.GradVacWeighting):
+            weighting._phi_t = state["phi"].clone()
+            weighting._state_key = (state["phi"].shape[0], state["phi"].dtype)
+        if "alpha" in state and isinstance(self.aggregator, tja.NashMTL):
+            weighting.prvs_alpha = state["alpha"].numpy().copy()
+            weighting.step = float(state["step"])
+            if weighting.step > 0:
+                weighting._init_optim_problem()  # normally built by the first call, which a resumed run skips
 
     def state_summary(self) -> dict[str, float]:
         if torch.isnan(self.weights).any():
