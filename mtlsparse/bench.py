@@ -4,6 +4,10 @@ Trains `hps` for a fixed number of steps per method (best of `--repeats` interle
 to damp noise from other processes), reports samples/s and the ratio to dense (goal ≤ 1.10× cost,
 i.e. ratio ≥ 0.91), and the share of step time spent producing batches.
 Writes `bench/results.json` and `bench/results.md`.
+
+`--balancers pcgrad,upgrad,...` (or `all`) times loss balancers instead: training step time
+of each (dense method) relative to `linear`, written to `bench/balancers.{json,md}`.
+`--overrides` adds Hydra overrides to every run (e.g. `dataset=synthetic` for a quick smoke).
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mtlsparse.config import build, compose_config
+from mtlsparse.config import CONF_DIR, build, compose_config
 from mtlsparse.io import atomic_write_text, write_json
 from mtlsparse.train import run
 
@@ -61,6 +65,47 @@ def measure(methods: list[str], steps: int, repeats: int, data_root: str) -> dic
     return best
 
 
+def measure_balancers(balancers: list[str], steps: int, repeats: int, overrides: list[str]) -> dict[str, float]:
+    """Best-of-`repeats` samples/s per balancer, balancers taking turns within each repeat (as `measure`)."""
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        for balancer in balancers:
+            with tempfile.TemporaryDirectory() as run_dir:
+                metrics = run(compose_config(overrides + [f"balancer={balancer}"]), run_dir)
+            best[balancer] = max(best.get(balancer, 0.0), metrics["time/train_samples_per_s"])
+    return best
+
+
+def balancer_markdown(results: dict) -> str:
+    """Table of step time per balancer relative to `linear`."""
+    base = results["balancers"]["linear"]
+    title = (f"Training step time by balancer, {results['steps']} steps of batch {results['batch_size']}, best of "
+             f"{results['repeats']} (CPU, {results['threads']} threads; overrides: {' '.join(results['overrides'])}).")
+    lines = [title, "", "| balancer | samples/s | ms / step | step time vs linear |", "|---|---|---|---|"]
+    for name, samples_per_s in results["balancers"].items():
+        lines.append(f"| {name} | {samples_per_s:.0f} | {1e3 * results['batch_size'] / samples_per_s:.1f} | "
+                     f"{base / samples_per_s:.2f}× |")
+    return "\n".join(lines) + "\n"
+
+
+def main_balancers(args: argparse.Namespace) -> None:
+    """`--balancers`: time the balancers (dense method) relative to `linear`."""
+    import torch
+
+    names = (sorted(p.stem for p in Path(CONF_DIR, "balancer").glob("*.yaml")) if args.balancers == "all"
+             else args.balancers.split(","))
+    balancers = ["linear"] + [b for b in names if b != "linear"]
+    overrides = bench_overrides(args.steps, args.data_root) + args.overrides
+    results = {"steps": args.steps, "repeats": args.repeats, "threads": torch.get_num_threads(),
+               "overrides": args.overrides, "batch_size": compose_config(overrides).dataset.batch_size,
+               "balancers": measure_balancers(balancers, args.steps, args.repeats, overrides)}
+    out = Path(args.out)
+    write_json(out / "balancers.json", results)
+    table = balancer_markdown(results)
+    atomic_write_text(out / "balancers.md", table)
+    print(table)
+
+
 def markdown(results: dict) -> str:
     lines = [f"Training throughput, `hps` on Multi-Fashion, {results['steps']} steps of batch "
              f"{results['batch_size']}, best of {results['repeats']} (CPU, {results['threads']} threads).", "",
@@ -82,8 +127,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default="dense,l1,group_lasso,group_lasso_plain")
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--out", default="bench")
+    parser.add_argument("--balancers", default=None,
+                        help="comma-separated balancers (or 'all') to time against linear, instead of the methods")
+    parser.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides for every run")
     args = parser.parse_args(argv)
     logging.getLogger("lightning").setLevel(logging.WARNING)
+    if args.balancers:
+        main_balancers(args)
+        return
     import torch
 
     methods = ["dense"] + [m for m in args.methods.split(",") if m != "dense"]

@@ -209,6 +209,36 @@ def test_preference_k_is_upgrads_pref_vector():
     assert bal.state_summary() == pytest.approx({"w/a": 0.2, "w/b": 0.8}, abs=1e-3)
 
 
+@pytest.mark.parametrize("aggregator, options, steps", [("gradvac", {"beta": 0.5}, 2),
+                                                        ("nashmtl", {"update_weights_every": 2}, 1)])
+def test_stateful_aggregators_resume_from_a_state_dict(aggregator, options, steps):
+    """Run, save, load into a fresh balancer: the next direction is the uninterrupted run's (GradVac's
+    similarity EMA; Nash-MTL's weights cached between updates)."""
+    def step(bal, model, seed):
+        torch.manual_seed(seed)
+        losses = model.losses(model.shared_representation(torch.randn(8, 4)))
+        model.zero_grad()
+        bal(losses, None, BalanceContext(shared_params=list(model.trunk.parameters()))).backward()
+        return model.trunk.weight.grad.clone()
+
+    def new_balancer(model):
+        bal = JD(["a", "b"], aggregator=aggregator, **options)
+        bal.setup(model)
+        return bal
+
+    model = Toy()
+    bal = new_balancer(model)
+    for seed in range(steps):
+        step(bal, model, seed)
+    state = bal.state_dict()
+    assert state["_extra_state"]
+    resumed, fresh = new_balancer(model), new_balancer(model)
+    resumed.load_state_dict(state)
+    expected = step(bal, model, 10)
+    torch.testing.assert_close(step(resumed, model, 10), expected)
+    assert not torch.allclose(step(fresh, model, 10), expected)  # the state matters
+
+
 def test_every_aggregator_in_the_registry_builds():
     for name in AGGREGATORS:
         assert isinstance(build_aggregator(name, 3, torch.full((3,), 1 / 3), {}), tja.Aggregator), name
@@ -541,3 +571,14 @@ def test_group_lasso_with_upgrad_keeps_zero_groups_zero_below_the_prox_threshold
     fit(module, datamodule, 8, StepProbe(check))
     counts = [int(torch.cat(z).sum()) for z in history]
     assert counts[-1] > counts[0] and sum(checked) > 0  # the prox zeroed groups, and zero groups were followed
+
+
+def test_bench_times_balancers_relative_to_linear(tmp_path):
+    from mtlsparse.bench import main
+
+    main(["--steps", "2", "--repeats", "1", "--balancers", "pcgrad,famo", "--overrides", "dataset=synthetic",
+          "dataset.batch_size=32", "--out", str(tmp_path / "bench"), "--data-root", str(tmp_path / "data")])
+    results = yaml.safe_load((tmp_path / "bench" / "balancers.json").read_text())
+    assert set(results["balancers"]) == {"linear", "pcgrad", "famo"} and results["batch_size"] == 32
+    assert all(v > 0 for v in results["balancers"].values())
+    assert "| linear |" in (tmp_path / "bench" / "balancers.md").read_text()
