@@ -13,6 +13,7 @@ would give. Writes `bench/export.json` and `bench/export.md`.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from collections.abc import Collection
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [measure(d, args.width, args.size, args.batch, args.sparsity, args.warmup, args.repeats, args.threads)
             for d in args.depth]
     results = {"rows": rows, "machine": platform.processor() or platform.machine(),
-               "cpu_count": torch.get_num_threads(), "torch": torch.__version__, "note": args.note}
+               "cpu_count": os.cpu_count(), "torch": torch.__version__, "note": args.note}
     write_json(args.out / "export.json", results)
     atomic_write_text(args.out / "export.md", markdown(rows, args.note))
     print(markdown(rows, args.note))
