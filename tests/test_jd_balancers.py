@@ -239,6 +239,31 @@ def test_stateful_aggregators_resume_from_a_state_dict(aggregator, options, step
     assert not torch.allclose(step(fresh, model, 10), expected)  # the state matters
 
 
+def test_distributed_code_path_gives_the_same_update_in_a_one_process_group(tmp_path):
+    """All-reduce of the Jacobian / losses and the broadcast of d run under a gloo group (world size 1)."""
+    import torch.distributed as dist
+
+    def grads_and_state():
+        model = Toy()
+        shared = list(model.trunk.parameters())
+        jd, gradnorm, famo = JD(["a", "b"], aggregator="upgrad"), GradNorm(["a", "b"]), FAMO(["a", "b"])
+        jd.setup(model)
+        for step in range(2):
+            losses = model.losses(model.shared_representation(toy_batch() + step))
+            ctx = BalanceContext(shared_params=shared)
+            (jd(losses, None, ctx) + gradnorm(losses, None, ctx) + famo(losses, None, ctx)).backward()
+        return [p.grad.clone() for p in shared] + [gradnorm.weights.grad.clone(), famo.logits.clone()]
+
+    plain = grads_and_state()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        distributed = grads_and_state()
+    finally:
+        dist.destroy_process_group()
+    for a, b in zip(plain, distributed):
+        torch.testing.assert_close(a, b)
+
+
 def test_every_aggregator_in_the_registry_builds():
     for name in AGGREGATORS:
         assert isinstance(build_aggregator(name, 3, torch.full((3,), 1 / 3), {}), tja.Aggregator), name

@@ -34,7 +34,9 @@ def last_shared_weight(shared_params: Sequence[nn.Parameter]) -> nn.Parameter:
 class GradNorm(Balancer):
     """Σ_t w_t L_t + k0·L0 with learnable w (a parameter of this module) trained on L_grad.
 
-    `mode=params` (the paper) takes the gradient norms at the last shared layer;
+    `mode=params` (the paper) takes the gradient norms at the last shared layer: the last
+    shared weight in `shared_parameters()` order (with parallel shared branches, as the
+    columns of cross_stitch or the experts of mmoe, the last branch's last layer);
     `mode=representation` at the shared representation (models with `shared_representation`).
     L_t(0) are the first training step's losses (persistent buffers, so a resumed run keeps
     them). The preference `k` is not used: the weights are learned.
