@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mtlsparse.metrics.dense import check_reference
-from mtlsparse.tasks import Task
+from mtlsparse.tasks import DENSE_KINDS, Task
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's pretrained ResNets expect this normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,7 +77,7 @@ class JointTransform:
     def __call__(self, image: Tensor, targets: Targets, train: bool) -> tuple[Tensor, Targets]:
         size = self.size or tuple(image.shape[-2:])
         image = resize_map(image, size, smooth=True)
-        dense = {k: resize_map(v, size, smooth=False) for k, v in targets.items() if self.kinds[k] in DENSE}
+        dense = {k: resize_map(v, size, smooth=False) for k, v in targets.items() if self.kinds[k] in DENSE_KINDS}
         if train and self.crop is not None:
             if self.crop[0] > size[0] or self.crop[1] > size[1]:
                 raise ValueError(f"crop_size {list(self.crop)} is larger than the image {list(size)}")
@@ -95,8 +95,6 @@ class JointTransform:
         image = (image - mean) / std
         return image.contiguous(), {k: dense[k].contiguous() if k in dense else v for k, v in targets.items()}
 
-
-DENSE = ("segmentation", "depth", "normal")
 
 
 class DenseDataset(Dataset):
