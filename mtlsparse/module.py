@@ -92,13 +92,14 @@ class MultiTaskModule(L.LightningModule):
         aux = self.model.auxiliary_loss()
         if aux is not None:
             loss = loss + aux
-            self.log("train/aux_loss", aux.detach(), on_step=False, on_epoch=True, batch_size=x.shape[0])
+            self.log("train/aux_loss", aux.detach(), on_step=False, on_epoch=True, batch_size=x.shape[0],
+                     sync_dist=True)
         if not torch.isfinite(loss):
             self._raise_non_finite(loss, losses, penalty)
         self.samples_seen += x.shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
         self.log_dict({f"train/{n}/loss": v.detach() for n, v in losses.items()}, on_step=False, on_epoch=True,
-                      batch_size=x.shape[0])
+                      batch_size=x.shape[0], sync_dist=True)
         return loss
 
     def _raise_non_finite(self, loss: Tensor, losses: dict[str, Tensor], penalty: Tensor | None) -> None:
@@ -140,7 +141,9 @@ class MultiTaskModule(L.LightningModule):
             # below the sparsity floor an epoch can't beat one above it; closer to the floor ranks higher
             floor = max(self.min_sparsity, self.method.min_sparsity)
             values["val/select"] = score - 1e3 * max(0.0, floor - sparsity["sparsity/param"])
-        self.log_dict({**values, **sparsity}, prog_bar=False)
+        # torchmetrics already reduced these over DDP ranks, and sparsity is identical on every rank
+        # (RankConsistencyCheck): the sync is a no-op mean that keeps Lightning's DDP logging consistent
+        self.log_dict({**values, **sparsity}, prog_bar=False, sync_dist=True)
 
     def _selection_score(self, values: dict[str, float]) -> float:
         """Higher-is-better checkpoint score before the sparsity-floor penalty (see the class docstring)."""
@@ -190,7 +193,7 @@ class MultiTaskModule(L.LightningModule):
         self.train_seconds += time.perf_counter() - self._epoch_t0
         self.method.on_train_epoch_end(self)
         self.balancer.on_train_epoch_end(self)
-        self.log_dict({f"balancer/{k}": v for k, v in self.balancer.state_summary().items()})
+        self.log_dict({f"balancer/{k}": v for k, v in self.balancer.state_summary().items()}, sync_dist=True)
 
     # ------------------------------------------------------------------ resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

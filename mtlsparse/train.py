@@ -23,6 +23,7 @@ from mtlsparse.io import environment, write_json
 from mtlsparse.metrics.sparsity import matrix_weights, param_counts, row_metrics
 from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.module import MultiTaskModule
+from mtlsparse.rank_check import RankConsistencyCheck
 from mtlsparse.resume import plan_run, record_job
 from mtlsparse.sparsity.layer_report import write_layer_report
 from mtlsparse.sparsity.mask_analysis import write_mask_report
@@ -77,7 +78,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, log_version: str = "") -> tupl
                                  save_top_k=1, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False)
     # every epoch end, whatever the score (save_last only fires together with a top-k save): what resume reads
     latest = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=1, filename="last", enable_version_counter=False)
-    callbacks: list[L.Callback] = [checkpoint, latest]
+    callbacks: list[L.Callback] = [checkpoint, latest, RankConsistencyCheck()]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar(leave=False))
     trainer = build(cfg, "trainer", callbacks=callbacks, default_root_dir=str(run_dir),
@@ -93,7 +94,9 @@ def final_metrics(cfg: DictConfig, module: MultiTaskModule, test_results: dict[s
     metrics.update({f"sparsity/{k}": v for k, v in row_metrics(matrix_weights(module.model)).items()})
     metrics.update({f"params/{k}": v for k, v in param_counts(module.model).items()})
     metrics["time/train_s"] = train_s
-    metrics["time/train_samples_per_s"] = module.samples_seen / max(module.train_seconds, 1e-9)
+    # every DDP rank sees its own share of each global batch
+    metrics["time/train_samples_per_s"] = module.samples_seen * module.trainer.world_size / max(module.train_seconds,
+                                                                                                1e-9)
     for knob in ECHOED_KNOBS:
         value = cfg.get(knob)
         metrics[f"config/{knob}"] = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value

@@ -109,3 +109,38 @@ def test_resume_errors_name_the_fix(tiny_cfg, tmp_path):
         run(tiny_cfg(f"ckpt_path={tmp_path}/nope.ckpt"), tmp_path / "x")
     with pytest.raises(ConfigError, match="resume="):
         run(tiny_cfg("resume=maybe"), tmp_path / "y")
+
+
+def test_sweep_with_a_failing_job_keeps_the_others_and_a_rerun_only_retries_it(tmp_path):
+    """6 jobs, one with a wrong-length k: five metrics.json, the report names the failure,
+    and re-running the same command skips the five finished jobs."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, TINY
+
+    sweep = tmp_path / "sweep"
+    prefs = "[0.5,0.5],[0.4,0.6],[0.3,0.7],[0.2,0.8],[0.1,0.9],[1,2,3]"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "mtlsparse", "-m", *TINY, f"k={prefs}", f"data_root={tmp_path}/data",
+               f"hydra.sweep.dir={sweep}"]
+
+    def sweep_once() -> subprocess.CompletedProcess:
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+
+    first = sweep_once()
+    assert first.returncode != 0  # Hydra reports the failed job at the end of the sweep...
+    done = sorted(sweep.glob("*/metrics.json"))
+    assert len(done) == 5  # ...after running all the others
+    stamps = {f: f.stat().st_mtime_ns for f in done}
+
+    report = subprocess.run([sys.executable, "-c", "from mtlsparse.cli import main; main()", "report", str(sweep)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "k has 3 entries" in (sweep / "report" / "summary.md").read_text()
+
+    second = sweep_once()
+    assert second.returncode != 0  # the bad job fails again; nothing else ran
+    assert {f: f.stat().st_mtime_ns for f in sorted(sweep.glob("*/metrics.json"))} == stamps
+    assert (second.stdout + second.stderr).count("skipped") == 5

@@ -123,7 +123,7 @@ def test_same_seed_same_metrics(tiny_cfg, tmp_path):
     a = run(tiny_cfg("method=group_lasso", "lam=1e-2"), tmp_path / "a")
     b = run(tiny_cfg("method=group_lasso", "lam=1e-2"), tmp_path / "b")
     c = run(tiny_cfg("method=group_lasso", "lam=1e-2", "seed=1"), tmp_path / "c")
-    strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
+    strip = lambda m: {k: v for k, v in m.items() if not k.startswith(("time/", "latency/"))}  # noqa: E731
     assert strip(a) == strip(b)
     assert strip(a) != strip(c)
 
