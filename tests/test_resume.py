@@ -127,7 +127,7 @@ def test_sweep_with_a_failing_job_keeps_the_others_and_a_rerun_only_retries_it(t
                f"hydra.sweep.dir={sweep}"]
 
     def sweep_once() -> subprocess.CompletedProcess:
-        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+        return subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
 
     first = sweep_once()
     assert first.returncode != 0  # Hydra reports the failed job at the end of the sweep...
@@ -135,7 +135,8 @@ def test_sweep_with_a_failing_job_keeps_the_others_and_a_rerun_only_retries_it(t
     assert len(done) == 5  # ...after running all the others
     stamps = {f: f.stat().st_mtime_ns for f in done}
 
-    report = subprocess.run([sys.executable, "-c", "from mtlsparse.cli import main; main()", "report", str(sweep)], cwd=tmp_path, env=env,
+    report = subprocess.run([sys.executable, "-c", "from mtlsparse.cli import main; main()", "report", str(sweep)], check=False,
+                            cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr[-2000:]
     assert "k has 3 entries" in (sweep / "report" / "summary.md").read_text()
