@@ -145,3 +145,50 @@ def test_sweep_with_a_failing_job_keeps_the_others_and_a_rerun_only_retries_it(t
     assert second.returncode != 0  # the bad job fails again; nothing else ran
     assert {f: f.stat().st_mtime_ns for f in sorted(sweep.glob("*/metrics.json"))} == stamps
     assert (second.stdout + second.stderr).count("skipped") == 5
+
+
+@pytest.mark.slow
+def test_sigkilled_growl_chebyshev_run_resumes_to_identical_metrics(tmp_path):
+    """The real thing: `kill -9` a GrOWL + Chebyshev run on real digits pairs in the middle of an
+    epoch, re-run the same command, and compare with an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    args = ["dataset=multi_digits", "model.kernel_size=3", "method=growl", "k0=1e-3", "trainer=cpu",
+            "balancer.epochs_per_iteration=1", "method.phase1_iterations=2", "method.phase2_iterations=2",
+            "trainer.max_epochs=4", "dataset.batch_size=32", "trainer.enable_progress_bar=false",
+            f"data_root={tmp_path}/data"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+    def command(run_dir):
+        return [sys.executable, "-m", "mtlsparse", *args, f"hydra.run.dir={run_dir}"]
+
+    straight = subprocess.run(command(tmp_path / "straight"), check=False, env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=280)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    victim = subprocess.Popen(command(tmp_path / "killed"), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (last.exists() and torch.load(last, weights_only=False)["epoch"] >= 1):
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2 (phase 2 has started: rows are clustered and tied)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "metrics.json").exists(), "the run finished before it could be killed"
+
+    resumed = subprocess.run(command(tmp_path / "killed"), check=False, env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=280)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    a, _ = _results(tmp_path / "straight")
+    b, _ = _results(tmp_path / "killed")
+    assert a == b
+    print(f"\nkill -9 during epoch 2; resumed metrics identical: test/mean_acc={b['test/mean_acc']:.4f} "
+          f"sparsity/sr={b['sparsity/sr']:.2f} cr={b['sparsity/cr']:.3f} ps={b['sparsity/ps']:.3f}")
