@@ -53,7 +53,6 @@ def _single_process_test_metrics(tmp_path, overrides):
     return trainer.test(module, datamodule=datamodule, verbose=False)[0]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_ddp_two_cpu_ranks_stay_identical_and_reduce_metrics(tmp_path, method):
     proc = _ddp_run(tmp_path, METHODS[method])

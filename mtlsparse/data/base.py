@@ -77,6 +77,18 @@ class BatchIndexDataset(Dataset):
         return x, {name: y[t] for t, name in enumerate(self.task_names)}
 
 
+def check_loader_options(batch_size: int, eval_batch_size: int, val_fraction: float,
+                         limit_train: int | None, limit_test: int | None) -> None:
+    """Reject loader options that cannot work, naming the key (shared by every data module)."""
+    if batch_size < 1 or eval_batch_size < 1:
+        raise ValueError(f"batch_size and eval_batch_size must be >= 1, got {batch_size}, {eval_batch_size}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    for key, value in (("limit_train", limit_train), ("limit_test", limit_test)):
+        if value is not None and value < 1:
+            raise ValueError(f"{key} must be a positive int or null, got {value}")
+
+
 def random_translate(images: Tensor, shift: int, generator: torch.Generator | None = None) -> Tensor:
     """Translate each image of ``[B,C,H,W]`` by its own random offset in ``[-shift, shift]`` (zero fill)."""
     b, _, h, w = images.shape
@@ -109,13 +121,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         augment_shift: int = 0,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(f"batch_size and eval_batch_size must be >= 1, got {batch_size}, {eval_batch_size}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        for key, value in (("limit_train", limit_train), ("limit_test", limit_test)):
-            if value is not None and value < 1:
-                raise ValueError(f"{key} must be a positive int or null, got {value}")
+        check_loader_options(batch_size, eval_batch_size, val_fraction, limit_train, limit_test)
         self.root = root
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from mtlsparse.data.base import check_loader_options
 from mtlsparse.metrics.dense import check_reference
 from mtlsparse.tasks import DENSE_KINDS, Task
 
@@ -166,13 +167,7 @@ class DenseDataModule(L.LightningDataModule):
                  image_size: Sequence[int] | int | None = None, crop_size: Sequence[int] | int | None = None,
                  hflip_prob: float = 0.5, reference: Mapping | None = None) -> None:
         super().__init__()
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(f"batch_size and eval_batch_size must be >= 1, got {batch_size}, {eval_batch_size}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        for key, value in (("limit_train", limit_train), ("limit_test", limit_test)):
-            if value is not None and value < 1:
-                raise ValueError(f"{key} must be a positive int or null, got {value}")
+        check_loader_options(batch_size, eval_batch_size, val_fraction, limit_train, limit_test)
         if not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
         if num_workers < 0:
