@@ -17,7 +17,7 @@ from mtlsparse.rank_check import (
 )
 from tests.conftest import REPO, compose_cfg
 
-DDP = ["dataset=synthetic", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+DDP = ["dataset=synthetic", "model=hps_lenet", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
        "trainer.enable_progress_bar=false", "dataset.batch_size=32", "dataset.eval_batch_size=32",
        "trainer.limit_train_batches=4", "trainer.limit_val_batches=1", "test_ckpt=last", "export.enabled=false"]
 METHODS = {

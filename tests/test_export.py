@@ -209,7 +209,7 @@ def test_every_model_option_compacts_exactly(tmp_path, option):
 
 
 def test_export_model_saves_a_reloadable_compact_model(tmp_path):
-    cfg = compose_config(TINY + ["model.batch_norm=true", f"data_root={tmp_path / 'data'}"])
+    cfg = compose_config(TINY + ["model=hps_lenet", "model.batch_norm=true", f"data_root={tmp_path / 'data'}"])
     datamodule = build(cfg, "dataset")
     model = build_model(cfg, datamodule).eval()
     with torch.no_grad():
