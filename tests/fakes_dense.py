@@ -94,3 +94,11 @@ def write_fake_cityscapes(root: Path, per_split: dict[str, int] | None = None, s
             disparity = (np.arange(h * w) % 1000).reshape(h, w).astype(np.uint16)
             Image.fromarray(disparity).save(base / "disparity" / split / city / f"{prefix}_disparity.png")
     return base
+
+
+def write_fake_dense_datasets(root: Path) -> Path:
+    """All three dense datasets (NYUv2 with its 40-class labels, CelebAMask-HQ, Cityscapes) under `root`."""
+    write_fake_nyuv2(root, label40=True)
+    write_fake_celeba(root)
+    write_fake_cityscapes(root)
+    return root

@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from conftest import compose_cfg
-from fakes_dense import write_fake_celeba, write_fake_cityscapes, write_fake_nyuv2
+from fakes_dense import write_fake_dense_datasets
 from mtlsparse.balancers.linear import Linear
 from mtlsparse.config import compose_config
 from mtlsparse.models.deeplab import DeepLabResNet, ResNetTrunk
@@ -129,11 +129,7 @@ def test_checkpoint_score_without_reference_is_scale_free_for_mixed_directions()
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dense_data")
-    write_fake_nyuv2(root, label40=True)
-    write_fake_celeba(root)
-    write_fake_cityscapes(root)
-    return root
+    return write_fake_dense_datasets(tmp_path_factory.mktemp("dense_data"))
 
 
 EXPECTED_KEYS = {

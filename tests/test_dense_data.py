@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fakes_dense import write_fake_celeba, write_fake_cityscapes, write_fake_nyuv2
+from fakes_dense import write_fake_cityscapes, write_fake_dense_datasets, write_fake_nyuv2
 from mtlsparse.data.celeba_mask import BACKGROUND, HAIR, SKIN, CelebAMaskHQ
 from mtlsparse.data.cityscapes import BASELINE_M, FOCAL_PX, Cityscapes, label_lookup
 from mtlsparse.data.dense import IMAGENET_MEAN, IMAGENET_STD, JointTransform
@@ -16,11 +16,7 @@ from mtlsparse.data.nyuv2 import NYUv2
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dense")
-    write_fake_nyuv2(root, label40=True)
-    write_fake_celeba(root)
-    write_fake_cityscapes(root)
-    return root
+    return write_fake_dense_datasets(tmp_path_factory.mktemp("dense"))
 
 
 def unnormalise(x: torch.Tensor) -> torch.Tensor:
