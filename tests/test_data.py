@@ -440,3 +440,15 @@ def test_real_multi_fashion(tmp_path):
     assert 0.1 < data.mean[0] < 0.4 and 0.2 < data.std[0] < 0.5  # Fashion-MNIST-like statistics
     raw = read_idx(DEBIAN_FASHION / "train-labels-idx1-ubyte.gz")
     assert raw.shape == (60_000,)
+
+
+def test_augment_shift_translates_training_images_only_and_rejects_negative_values(tmp_path):
+    with pytest.raises(ValueError, match="augment_shift must be >= 0"):
+        Synthetic(root=str(tmp_path), augment_shift=-1)
+    plain = Synthetic(root=str(tmp_path), batch_size=16)
+    shifted = Synthetic(root=str(tmp_path), batch_size=16, augment_shift=2)
+    plain.setup()
+    shifted.setup()
+    idx = list(range(16))
+    assert not torch.equal(plain.datasets["train"][idx][0], shifted.datasets["train"][idx][0])
+    assert torch.equal(plain.datasets["test"][idx][0], shifted.datasets["test"][idx][0])

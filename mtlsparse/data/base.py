@@ -59,9 +59,7 @@ class BatchIndexDataset(Dataset):
         std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self._scale = 1.0 / (255.0 * std_t)  # (x/255 - mean)/std == x*scale - shift
         self._shift = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1) / std_t
-        if shift < 0:
-            raise ValueError(f"augment_shift must be >= 0 pixels, got {shift}")
-        self.shift = shift
+        self.shift = shift  # validated by the data module (augment_shift)
         self.generator = generator
 
     def __len__(self) -> int:
