@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mtlsparse.export import channel_role, compact, dependency_graph, max_abs_diff, num_params
+from mtlsparse.export import channel_role, compact, dependency_graph, max_abs_diff, num_params, removal_counts
 from mtlsparse.io import atomic_write_text, write_json
 from mtlsparse.latency import count_flops, median_latency_ms
 from mtlsparse.metrics.sparsity import group_sparsity
@@ -83,7 +83,7 @@ def measure(depth: int, width: float, size: int, batch: int, sparsity: float, wa
     return {"depth": depth, "width": width, "size": size, "batch": batch, "threads": threads,
             "repeats": repeats, "warmup": warmup,
             "sparsity_group": group_sparsity([layer.weight for layer in layers]),
-            "channels_removed": sum(removed.values()), "compact_s": compact_s, "max_abs_diff": diff,
+            "channels_removed": removal_counts(removed)[0], "compact_s": compact_s, "max_abs_diff": diff,
             "params_trunk_dense": num_params(model.trunk), "params_trunk_compact": num_params(small.trunk),
             "params_model_dense": num_params(model), "params_model_compact": num_params(small),
             **{f"flops_{k}": v for k, v in flops.items()},

@@ -13,7 +13,11 @@ such consumer either
 
 Channels that reach a model output are never removed, and groups touching layers whose
 channels are not independent (LayerNorm, GroupNorm, grouped convs, loose parameters) are
-left whole. Every export then checks the compact outputs against the original ones.
+left whole. After the channel cut, a linear layer that still has all-zero input columns
+(e.g. an FC layer after Flatten whose group lasso zeroed single features, not whole conv
+channels) keeps only its read columns and gathers its inputs (`gather_inputs_`), so its
+weight and its multiply-adds shrink with the group sparsity. Every export then checks the
+compact outputs against the original ones.
 
 `mtlsparse export <run_dir>` (`main`) rebuilds a run's model from `.hydra/config.yaml`,
 loads a checkpoint, compacts it, checks max |Δoutput| ≤ 1e-4, saves `compact_model.pt`
@@ -54,6 +58,7 @@ TOLERANCE = 1e-4
 EXPORT_DEFAULTS = {"enabled": "auto", "batch": 8, "warmup": 2, "repeats": 10, "threads": 1}
 # layers whose channels are not independent of each other: a group touching them stays whole
 UNSAFE_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention, nn.RNNBase, nn.Embedding)
+INPUT_INDEX = "input_index"  # buffer of a linear layer that reads only these input features
 
 
 class ExportError(RuntimeError):
@@ -246,7 +251,41 @@ def compact(model: nn.Module, x: Tensor) -> tuple[nn.Module, dict[str, int]]:
         plan, small = kept, copy.deepcopy(reference)
         if not _cut_is_exact(reference, small, dependency_graph(small, x)[0], plan, x):
             raise ExportError("no exact compaction found: the groups that are exact alone are not exact together")
-    return small.eval(), {name: len(drop) for name, drop in plan.items()}
+    removed = {name: len(drop) for name, drop in plan.items()}
+    for name, module in small.named_modules():
+        if isinstance(module, nn.Linear) and not hasattr(module, INPUT_INDEX):
+            read = group_norms(module.weight.detach()) != 0
+            if 0 < int(read.sum()) < len(read):
+                gather_inputs_(module, read.nonzero().flatten())
+                removed[f"{name}:inputs"] = len(read) - int(read.sum())
+    return small.eval(), removed
+
+
+def removal_counts(removed: dict[str, int]) -> tuple[int, int]:
+    """(channels removed, linear input features dropped) from `compact`'s per-layer counts."""
+    features = sum(n for name, n in removed.items() if name.endswith(":inputs"))
+    return sum(removed.values()) - features, features
+
+
+def _gather_input(module: nn.Linear, inputs: tuple) -> tuple:
+    return (inputs[0].index_select(-1, getattr(module, INPUT_INDEX)), *inputs[1:])
+
+
+def attach_input_gather_(linear: nn.Linear, index: Tensor) -> None:
+    """Make `linear` read x[..., index] (its weight must already have len(index) columns)."""
+    linear.register_buffer(INPUT_INDEX, index.clone())
+    linear.register_forward_pre_hook(_gather_input)
+
+
+def gather_inputs_(linear: nn.Linear, keep: Tensor) -> None:
+    """Keep only the weight columns `keep` of `linear` and gather those input features.
+
+    Exact whenever the dropped columns are zero: they contribute nothing to the output.
+    """
+    with torch.no_grad():
+        linear.weight = nn.Parameter(linear.weight[:, keep].clone(), requires_grad=linear.weight.requires_grad)
+    linear.in_features = len(keep)
+    attach_input_gather_(linear, keep)
 
 
 def max_abs_diff(a: nn.Module, b: nn.Module, x: Tensor, exact: bool = False) -> float:
@@ -294,6 +333,9 @@ def shrink_to_(model: nn.Module, state_dict: dict[str, Tensor]) -> nn.Module:
     for key, value in state_dict.items():
         owner, _, name = key.rpartition(".")
         module = modules[owner]
+        if name == INPUT_INDEX and isinstance(module, nn.Linear) and not hasattr(module, INPUT_INDEX):
+            attach_input_gather_(module, value)
+            continue
         current = getattr(module, name, None)
         if not isinstance(current, Tensor) or current.shape == value.shape:
             continue
@@ -360,6 +402,7 @@ def export_model(model: nn.Module, input_shape: Sequence[int], out_dir: str | Pa
         raise ExportError(f"compact model's outputs differ from the original's by {diff:.3g} > {TOLERANCE}: "
                           "an architecture op mixes channels that torch-pruning treated as independent")
     save_compact(small, Path(out_dir) / COMPACT_FILE, config)
+    channels, features = removal_counts(removed)
     latency = median_latency_ms({"dense": dense, "compact": small}, x, warmup, repeats, threads)
     flops_dense, flops_compact = count_flops(dense, x[:1]), count_flops(small, x[:1])
     return {"params/compact": num_params(small), "params/dense": num_params(dense),
@@ -367,7 +410,7 @@ def export_model(model: nn.Module, input_shape: Sequence[int], out_dir: str | Pa
             "latency/speedup": latency["dense"] / latency["compact"], "latency/batch": batch,
             "latency/threads": threads, "flops/dense": flops_dense, "flops/compact": flops_compact,
             "export/max_abs_diff": diff, "export/max_abs_diff_fp32": max_abs_diff(dense, small, x),
-            "export/channels_removed": sum(removed.values())}
+            "export/channels_removed": channels, "export/features_gathered": features}
 
 
 def export_settings(cfg: DictConfig) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from conftest import TINY
 from mtlsparse import cli
 from mtlsparse.config import CONF_DIR, build, compose_config
 from mtlsparse.export import (COMPACT_FILE, TOLERANCE, compact, export_after_training, export_model,
-                              load_compact, max_abs_diff, num_params, shrink_to_)
+                              load_compact, max_abs_diff, num_params, removal_counts, shrink_to_)
 from mtlsparse.latency import count_flops, median_latency_ms
 from mtlsparse.models.hps import HPS, SharedTrunkModel
 from mtlsparse.sparsity.layers import prunable_layers
@@ -54,10 +54,10 @@ def test_lenet_input_groups_are_removed_exactly():
     x = torch.randn(8, 1, 28, 28)
     small, removed = compact(model, x)
     assert (small.trunk[0].out_channels, small.trunk[3].in_channels, small.trunk[3].out_channels) == (7, 7, 18)
-    assert small.trunk[7].in_features == 18 * 16
+    assert small.trunk[7].in_features == 18 * 16 - 1, "channel 9's zero column is dropped by gathering"
     assert num_params(model) == lenet_params(10, 20, 320)
-    assert num_params(small) == lenet_params(7, 18, 18 * 16)
-    assert sum(removed.values()) == 5
+    assert num_params(small) == lenet_params(7, 18, 18 * 16 - 1)
+    assert removal_counts(removed) == (5, 1)
     assert max_abs_diff(model, small, x) <= TOLERANCE
     assert num_params(model) == lenet_params(10, 20, 320), "the original model is left untouched"
 
@@ -160,6 +160,29 @@ def test_cuts_that_change_outputs_are_dropped():
     assert removed == {"conv2": 1}
     assert (small.conv1.out_channels, small.conv2.out_channels) == (8, 7)
     assert max_abs_diff(model, small, x) <= TOLERANCE
+
+
+def test_fc_features_zeroed_one_by_one_are_gathered_and_reload(tmp_path):
+    """Group lasso on an FC after Flatten zeroes single features, not whole conv channels:
+    the compact FC keeps exactly its non-zero columns, and params drop by the zeroed ones."""
+    torch.manual_seed(0)
+    model = HPS(TASKS, (1, 28, 28)).eval()
+    fc = model.trunk[7]
+    zero = torch.randperm(320)[:200]
+    with torch.no_grad():
+        fc.weight[:, zero] = 0  # scattered features: every conv2 channel keeps some
+    x = torch.randn(8, 1, 28, 28)
+    small, removed = compact(model, x)
+    assert small.trunk[3].out_channels == 20, "no conv channel is wholly unread"
+    assert small.trunk[7].weight.shape == (50, 120)
+    assert num_params(model) - num_params(small) == 200 * 50 == (model.trunk[7].weight == 0).sum()
+    assert removal_counts(removed) == (0, 200)
+    assert max_abs_diff(model, small, x, exact=True) <= TOLERANCE
+    path = tmp_path / "compact.pt"
+    torch.save({"format": "mtlsparse-compact/1", "state_dict": small.state_dict(), "config": {}}, path)
+    reloaded = load_compact(path, HPS(TASKS, (1, 28, 28)))
+    assert reloaded.trunk[7].in_features == 120
+    assert max_abs_diff(small, reloaded, x) == 0
 
 
 def test_compact_state_dict_reloads_into_a_fresh_dense_model(tmp_path):
