@@ -132,6 +132,7 @@ class MultiTaskModule(L.LightningModule):
         accs = [v for k, v in values.items() if k.endswith("/acc")]
         if accs:
             values[f"{split}/mean_acc"] = sum(accs) / len(accs)
+            values[f"{split}/worst_acc"] = min(accs)  # the min-max papers' criterion
         if self.reference:
             current = {k: values[f"{split}/{k}"] for k in self.reference}
             values[f"{split}/delta_m"] = delta_m(current, self.reference, self._metric_modes)

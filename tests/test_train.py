@@ -44,6 +44,7 @@ def test_every_group_option_trains_two_steps(tiny_cfg, tmp_path, group, option):
     if group in ECHOED_GROUPS:
         assert saved[f"config/{group}"] == option
     assert 0 <= saved["test/mean_acc"] <= 1
+    assert saved["test/worst_acc"] == min(saved["test/t0/acc"], saved["test/t1/acc"])
 
 
 # small builds so each dataset's 2-step run is quick; files come from fakes in the real formats
