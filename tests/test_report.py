@@ -222,7 +222,7 @@ def test_sweep_file_is_global_package_with_usage_comment(path):
 
 
 def test_lambda_and_seed_sweeps():
-    assert sweep_params("lambda_group_lasso") == {"lam": [0, 1e-4, 3e-4, 5e-4, 8e-4, 1e-3, 2e-3]}
+    assert sweep_params("lambda_group_lasso") == {"lam": [0, 5e-4, 1e-3, 2e-3, 2.5e-3, 2.75e-3, 3e-3]}
     assert sweep_params("lambda_l1") == {"lam": [0, 1e-3, 1e-2, 1e-1, 1]}
     assert sweep_params("seeds") == {"seed": [0, 1, 2]}
 
