@@ -28,7 +28,7 @@ def group_prox_(weight: Tensor, tau: float | Tensor) -> Tensor:
     return weight.mul_(scale.view(group_shape(weight)))
 
 
-def group_prox_metric_(weight: Tensor, tau: float | Tensor, metric: Tensor, newton_steps: int = 30,
+def group_prox_metric_(weight: Tensor, tau: float, metric: Tensor, newton_steps: int = 30,
                        tol: float | None = None) -> Tensor:
     """In-place prox of τ Σ_g ‖W_g‖₂ in the diagonal metric D (same shape as weight).
 
@@ -41,21 +41,19 @@ def group_prox_metric_(weight: Tensor, tau: float | Tensor, metric: Tensor, newt
     the precision float32 weights can hold).
     """
     tol = 4 * torch.finfo(weight.dtype).eps if tol is None else tol
-    dz_norm = group_norms(metric * weight)
-    active = dz_norm > tau
-    shape = group_shape(weight)
-    dims = [d for d in range(weight.dim()) if d != 1]
-    offset = tau / metric
-    s = torch.zeros_like(dz_norm)
+    active = (group_norms(metric * weight) > tau).nonzero().flatten()
+    # Newton only on the surviving groups (after a few steps of training most are zero)
+    z, offset = weight.index_select(1, active), tau / metric.index_select(1, active)
+    shape = group_shape(z)
+    dims = [d for d in range(z.dim()) if d != 1]
+    s = z.new_zeros(len(active))
     for _ in range(newton_steps):
         denom = s.view(shape) + offset
-        x_sq = (weight / denom) ** 2
-        x_norm = x_sq.sum(dim=dims).sqrt().clamp_min(torch.finfo(weight.dtype).tiny)
-        g = 1 / x_norm - 1
-        dg = (x_sq / denom).sum(dim=dims) / x_norm**3
-        step = torch.where(active, g / dg, torch.zeros_like(g))
+        x_sq = (z / denom) ** 2
+        x_norm = x_sq.sum(dim=dims).sqrt().clamp_min(torch.finfo(z.dtype).tiny)
+        step = (1 / x_norm - 1) / ((x_sq / denom).sum(dim=dims) / x_norm**3)
         s = (s - step).clamp_min(0)
-        if step.abs().max() <= tol * (1 + s.abs().max()):
+        if not len(s) or step.abs().max() <= tol * (1 + s.abs().max()):
             break
-    shrunk = weight * (s.view(shape) / (s.view(shape) + offset))
-    return weight.copy_(torch.where(active.view(shape), shrunk, torch.zeros_like(weight)))
+    shrunk = z * (s.view(shape) / (s.view(shape) + offset))
+    return weight.zero_().index_copy_(1, active, shrunk)
