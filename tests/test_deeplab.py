@@ -166,6 +166,19 @@ def test_structured_methods_train_on_the_resnet_trunk(data_root, tmp_path, metho
     assert any(v["group"] > 0 for v in layers.values()) and (tmp_path / "layer_sparsity.png").stat().st_size > 0
 
 
+def test_bn_coupled_group_lasso_kills_block_channels_and_export_removes_them(data_root, tmp_path):
+    """With method.couple_norms=true a zero group takes its bn1 (γ, β) along, so export can drop the channel."""
+    export = ["++export.enabled=auto", "++export.batch=1", "++export.repeats=1", "++export.warmup=0"]
+    cfg = compose_cfg(["dataset=nyuv2", *TRAIN_TINY[:-1], *export, "method=group_lasso", "method.couple_norms=true",
+                       "lam=10", "optimizer.lr=0.05"], data_root=data_root)
+    metrics = run(cfg, tmp_path)
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    conv2, bn1 = state["model.trunk.layer1.0.conv2.weight"], state["model.trunk.layer1.0.bn1.weight"]
+    dead = conv2.abs().sum(dim=(0, 2, 3)) == 0
+    assert dead.any() and torch.all(bn1[dead] == 0)  # the group and its BN scale went together
+    assert metrics["export/channels_removed"] > 0
+
+
 def test_reference_gives_delta_m_and_selects_by_it(data_root, tmp_path):
     reference = "dataset.reference={seg/miou:0.5,depth/abs_err:1.0,normal/mean_angle:40.0}"
     metrics = run(compose_cfg(["dataset=nyuv2", *TRAIN_TINY, reference], data_root=data_root), tmp_path)
