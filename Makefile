@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .make-setup.stamp
 
-.PHONY: setup setup-slurm test-slurm run test test-slow bench bench-export sweep report clean
+.PHONY: setup setup-slurm test-slurm run test test-slow bench bench-export bench-trunk sweep report clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ bench: setup
 
 bench-export: setup
 	$(PYTHON) -m mtlsparse.bench_export $(ARGS)
+
+# trunk once per batch vs once per task, 3-task NYUv2-shaped training, mixed precision (meant for a GPU)
+bench-trunk: setup
+	$(PYTHON) -m mtlsparse.bench_trunk $(ARGS)
 
 sweep: setup
 	$(PYTHON) -m mtlsparse -m +sweep=lambda_group_lasso $(ARGS)

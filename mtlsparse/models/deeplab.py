@@ -154,11 +154,13 @@ class DeepLabResNet(SharedTrunkModel):
     `head_channels` (ASPP and image-head conv width) defaults to 256·width, `cls_hidden` (FC
     width of image heads) to `head_channels`; `atrous_rates` default to DeepLab-v3's for the
     output stride. `pretrained`: path of a torchvision ResNet checkpoint to start the trunk from.
+    `trunk_per_task` runs the trunk once per task as the seeds' reference code did (for speed
+    comparisons only; `make bench-trunk`): outputs are the same, the trunk's cost is m× larger.
     """
 
     def __init__(self, tasks: dict[str, Task], in_shape: Sequence[int], depth: int = 50, width: float = 1.0,
                  output_stride: int = 8, atrous_rates: Sequence[int] | None = None, head_channels: int | None = None,
-                 cls_hidden: int | None = None, pretrained: str | None = None) -> None:
+                 cls_hidden: int | None = None, pretrained: str | None = None, trunk_per_task: bool = False) -> None:
         trunk = ResNetTrunk(depth, width, output_stride, in_channels=in_shape[0])
         if pretrained:
             trunk.load_torchvision(pretrained)
@@ -171,6 +173,7 @@ class DeepLabResNet(SharedTrunkModel):
                  else image_head(trunk.out_channels, t.out_dim, head_channels, cls_hidden)
                  for name, t in tasks.items()}
         super().__init__(tasks, trunk, heads)
+        self.trunk_per_task = trunk_per_task
         self._input_size: tuple[int, int] | None = None
 
     def shared_representation(self, x: Tensor) -> Tensor:
@@ -183,11 +186,14 @@ class DeepLabResNet(SharedTrunkModel):
         size = size or self._input_size
         if size is None:
             raise RuntimeError("decode(z) needs the input size: pass size= or call shared_representation(x) first")
-        out = {}
-        for name, head in self.heads.items():
-            y = head(z)
-            out[name] = F.interpolate(y, size=size, mode="bilinear", align_corners=False) if self.tasks[name].dense else y
-        return out
+        return {name: self._head(name, z, size) for name in self.heads}
+
+    def _head(self, name: str, z: Tensor, size: tuple[int, int]) -> Tensor:
+        y = self.heads[name](z)
+        return F.interpolate(y, size=size, mode="bilinear", align_corners=False) if self.tasks[name].dense else y
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return self.decode(self.shared_representation(x), (x.shape[-2], x.shape[-1]))
+        size = (x.shape[-2], x.shape[-1])
+        if self.trunk_per_task:  # the reference design: same outputs, the trunk's cost once per task
+            return {name: self._head(name, self.shared_representation(x), size) for name in self.heads}
+        return self.decode(self.shared_representation(x), size)
