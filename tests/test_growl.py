@@ -241,7 +241,8 @@ def test_bad_growl_values_fail_with_the_key(tiny_cfg, tmp_path):
         train.run(tiny_cfg("method=growl", "method.s_lmax=1.5"), tmp_path)
 
 
-def test_two_phase_training_prunes_and_ties(tiny_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("couple", [False, True])
+def test_two_phase_training_prunes_and_ties(tiny_cfg, tmp_path, monkeypatch, couple):
     original, built = train.build_module, []
 
     def keep_module(*args):
@@ -250,8 +251,8 @@ def test_two_phase_training_prunes_and_ties(tiny_cfg, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "build_module", keep_module)
     cfg = tiny_cfg("method=growl", "k0=1e-3", "balancer.epochs_per_iteration=1", "method.phase1_iterations=1",
-                   "method.phase2_iterations=1", "trainer.max_epochs=2", "method.lam=2000",
-                   "method.preference=-1", "test_ckpt=last")
+                   "method.phase2_iterations=1", "trainer.max_epochs=2", f"method.lam={20000 if couple else 2000}",
+                   "method.preference=-1", "test_ckpt=last", f"method.couple_norms={str(couple).lower()}")
     metrics = train.run(cfg, tmp_path)
     assert metrics["sparsity/sr"] > 0 and metrics["sparsity/cr"] > 1 and metrics["sparsity/ps"] > 1
     assert metrics["sparsity/param"] >= 20
@@ -264,3 +265,9 @@ def test_two_phase_training_prunes_and_ties(tiny_cfg, tmp_path, monkeypatch):
             assert torch.all(members == members[0]) and (c >= 0 or torch.all(members == 0))
     best = torch.load(next((tmp_path / "checkpoints").glob("best-*.ckpt")), weights_only=False)["state_dict"]
     assert best["method.tied"]  # only tied (post-phase-1) models are selected
+    # the default hps has BN after each conv: conv2's and fc1's rows couple (BN's γ ≈ 1 then dominates a
+    # row's norm, hence the larger λ above)
+    assert bool(method.norms) == couple
+    for name, norm in method.norms.items():
+        zero_rows = method.clusters()[name] < 0
+        assert zero_rows.any() and torch.all(norm.weight[zero_rows] == 0)

@@ -12,7 +12,7 @@ from mtlsparse.models import HPS
 from mtlsparse.sparsity import GroupLasso
 from mtlsparse.sparsity.group_lasso import adam_metric
 from mtlsparse.sparsity.layers import group_norms, group_view
-from mtlsparse.sparsity.norm_coupling import input_norms, stack_groups, unstack_groups_
+from mtlsparse.sparsity.norm_coupling import stack_groups, unstack_groups_
 from mtlsparse.sparsity.prox import group_prox_, group_prox_metric_
 from mtlsparse.tasks import Task
 
@@ -134,7 +134,7 @@ def test_dead_channel_stays_zero_under_adam_and_export_removes_its_producer():
         opt.step()
         method.after_optimizer_step(opt)
     assert torch.all(conv2.weight[:, :4] == 0) and torch.all(bn.weight[:4] == 0)
-    small, removed = compact(model.eval(), torch.randn(4, *SHAPE))
+    small, _ = compact(model.eval(), torch.randn(4, *SHAPE))
     assert small.trunk[0].out_channels == conv1.out_channels - 4  # the producer conv loses the dead channels
     assert small.trunk[4].in_channels == conv2.in_channels - 4
 
@@ -155,3 +155,44 @@ def test_coupling_without_a_datamodule_is_a_clear_error():
     module = SimpleNamespace(trainer=SimpleNamespace(datamodule=None), model=bn_hps())
     with pytest.raises(ValueError, match="method.couple_norms=false"):
         method.on_fit_start(module)
+
+
+def test_growl_prox_and_cap_act_on_coupled_rows():
+    from mtlsparse.sparsity.growl import GrOWL
+    from mtlsparse.sparsity.owl import cap_zero_rows_, growl_prox_
+
+    model = bn_hps()
+    method = GrOWL(lam=2.0, couple_norms=True, s_lmax=0.5, phase1_iterations=1, epochs_per_iteration=1)
+    method.setup(model)
+    method.couple(model, SHAPE)
+    conv2, bn = model.trunk[4], model.trunk[1]
+    assert set(method.norms) == {method.layers[0].name}
+    with torch.no_grad():
+        conv2.weight.mul_(0.05)
+        bn.weight.copy_(torch.linspace(0.01, 3.0, 6))
+    stacked = stack_groups([conv2.weight, bn.weight, bn.bias]).detach()
+    expected = stacked.clone()
+    growl_prox_(expected, 0.1 * method.theta(method.layers[0]))
+    cap_zero_rows_(expected, stacked, 3)  # s_lmax 0.5 of 6 rows
+    method.prox_step.fill_(0.1)
+    method._prox(cap=0.5)
+    torch.testing.assert_close(stack_groups([conv2.weight, bn.weight, bn.bias]), expected)
+    zero = group_norms(conv2.weight) == 0
+    assert 0 < int(zero.sum()) <= 3 and torch.all(bn.weight[zero] == 0)
+    # the large-γ channels survive although their conv2 slices alone are small
+    assert not zero[-1] and not zero[-2]
+
+
+def test_growl_penalty_uses_coupled_rows():
+    from mtlsparse.sparsity.growl import GrOWL
+    from mtlsparse.sparsity.owl import owl_value
+
+    model = bn_hps()
+    method = GrOWL(lam=1.0, couple_norms=True)
+    method.setup(model)
+    method.couple(model, SHAPE)
+    conv2, fc1 = method.layers
+    bn = model.trunk[1]
+    expected = (owl_value(group_norms(stack_groups([conv2.weight, bn.weight, bn.bias])), method.theta(conv2))
+                + owl_value(group_norms(fc1.weight), method.theta(fc1)))
+    torch.testing.assert_close(method.penalty(), expected)

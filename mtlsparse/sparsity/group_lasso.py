@@ -12,7 +12,6 @@ FC features and whole conv outputs go, and the compute-heavy early channels stay
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import TYPE_CHECKING
 
@@ -20,15 +19,14 @@ import torch
 from torch import Tensor
 
 from mtlsparse.sparsity.base import param_state
-from mtlsparse.sparsity.layers import PrunableLayer, group_norms
-from mtlsparse.sparsity.norm_coupling import coupled_params, input_norms, stack_groups, unstack_groups_
+from mtlsparse.sparsity.layers import group_norms
+from mtlsparse.sparsity.norm_coupling import NormCoupling, stack_groups
 from mtlsparse.sparsity.prox import group_prox_, group_prox_metric_
 from mtlsparse.sparsity.prox_method import ProxMethod
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning as L
 
-log = logging.getLogger("mtlsparse")
 PROX_VARIANTS = ("plain", "adam")
 
 
@@ -42,7 +40,7 @@ def adam_metric(group: dict, state: dict) -> Tensor:
     return (v / (1 - group["betas"][1] ** step)).sqrt() + group["eps"]
 
 
-class GroupLasso(ProxMethod):
+class GroupLasso(NormCoupling, ProxMethod):
     """Proximal-Adam channel group lasso on the prunable layers (shared trunk by default)."""
 
     structured = True
@@ -58,55 +56,24 @@ class GroupLasso(ProxMethod):
         self.norms: dict[str, torch.nn.Module] = {}  # layer name → coupled BatchNorm (set in on_fit_start)
 
     def on_fit_start(self, module: L.LightningModule) -> None:
-        if not self.couple_norms:
-            return
-        datamodule = getattr(module.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "input_shape"):
-            raise ValueError("method.couple_norms=true traces the model on the datamodule's input_shape; "
-                             "fit with a datamodule that has one, or set method.couple_norms=false")
-        self.couple(module.model, datamodule.input_shape)
-
-    def couple(self, model: torch.nn.Module, input_shape: tuple[int, ...]) -> None:
-        """Find each layer's producer BatchNorm; its γ, β join the layer's input groups."""
-        self.norms = input_norms(model, self.layers, input_shape)
-        uncoupled = [layer.name for layer in self.layers if layer.name not in self.norms]
-        log.info("group lasso: BN-coupled groups in %s; uncoupled (no one-to-one BatchNorm): %s",
-                 sorted(self.norms) or "none", uncoupled or "none")
-
-    def group_tensors(self, layer: PrunableLayer) -> list[Tensor]:
-        return coupled_params(layer, self.norms.get(layer.name))
-
-    def group_size(self, layer: PrunableLayer) -> int:
-        return sum(t.numel() for t in self.group_tensors(layer)) // layer.num_groups
+        self.couple_at_fit_start(module)
 
     def penalty(self) -> Tensor | None:
-        return self.lam * sum(math.sqrt(self.group_size(layer)) * self.group_norms(layer).sum() for layer in self.layers)
-
-    def group_norms(self, layer: PrunableLayer) -> Tensor:
-        """‖group‖₂ per input channel, the BN pair included when coupled."""
-        tensors = self.group_tensors(layer)
-        return group_norms(tensors[0] if len(tensors) == 1 else stack_groups(tensors))
+        return self.lam * sum(math.sqrt(self.group_size(layer)) * group_norms(self.grouped(layer)).sum()
+                              for layer in self.layers)
 
     def prox_(self, optimizer: torch.optim.Optimizer) -> None:
         state = param_state(optimizer)
         for layer in self.layers:
-            group = state[id(layer.weight)][0]
-            tau = group["lr"] * self.lam * math.sqrt(self.group_size(layer))
-            tensors = self.group_tensors(layer)
-            if len(tensors) == 1:
-                self._prox_tensor_(layer.weight, tau, state)
-                continue
-            stacked = stack_groups(tensors)
-            self._prox_tensor_(stacked, tau, state, tensors)
-            unstack_groups_(stacked, tensors)
+            tau = state[id(layer.weight)][0]["lr"] * self.lam * math.sqrt(self.group_size(layer))
+            target = self.grouped(layer)
+            self._prox_tensor_(target, tau, state, self.group_tensors(layer))
+            self.write_back_(layer, target)
 
-    def _prox_tensor_(self, target: Tensor, tau: float, state: dict, tensors: list[Tensor] | None = None) -> None:
-        """Group prox of `target` (a weight, or the stacked groups of `tensors`) in place."""
+    def _prox_tensor_(self, target: Tensor, tau: float, state: dict, tensors: list[Tensor]) -> None:
+        """Group prox of `target` (the weight, or the stacked groups of `tensors`) in place."""
         if self.prox == "plain":
             group_prox_(target, tau)
             return
-        if tensors is None:
-            metric = adam_metric(*state[id(target)])
-        else:
-            metric = stack_groups([adam_metric(*state[id(t)]) for t in tensors])
-        group_prox_metric_(target, tau, metric)
+        metrics = [adam_metric(*state[id(t)]) for t in tensors]
+        group_prox_metric_(target, tau, metrics[0] if len(metrics) == 1 else stack_groups(metrics))

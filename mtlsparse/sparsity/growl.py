@@ -15,6 +15,9 @@ on the zero rows stay exactly zero after every optimizer step and the rows are t
 again after every epoch, so every model after phase 1 is sparse and tied. Phase and
 iteration follow from the epoch number; the clusters and the pending prox step are
 buffers, so checkpoints and resumed runs carry them.
+
+`couple_norms: true` makes each row also hold the producing BatchNorm's γ_c, β_c (see
+`norm_coupling`), so the prox and its cap act on whole channels of a BN trunk.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from torch import Tensor
 from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.base import SparsityMethod, param_state
 from mtlsparse.sparsity.layers import PrunableLayer, group_norms, group_shape
+from mtlsparse.sparsity.norm_coupling import NormCoupling
 from mtlsparse.sparsity.owl import cap_zero_rows_, growl_prox_, owl_value, spike_weights
 from mtlsparse.sparsity.tying import ZERO_ROW, cluster_rows, tie_rows_, zero_rows_
 
@@ -42,7 +46,7 @@ def cluster_buffer_name(layer_name: str) -> str:
     return "clusters_" + layer_name.replace(".", "_")
 
 
-class GrOWL(SparsityMethod):
+class GrOWL(NormCoupling, SparsityMethod):
     """GrOWL-Spike prox with a growing per-layer cap (phase 1), then affinity-propagation tying (phase 2)."""
 
     family = "prox"
@@ -50,7 +54,8 @@ class GrOWL(SparsityMethod):
 
     def __init__(self, lam: float = 1.0, beta1: float = 0.8, beta2: float = 0.2, epochs_per_iteration: int = 3,
                  phase1_iterations: int = 3, phase2_iterations: int = 10, s_lmax: float = 0.8, s_min: float = 0.2,
-                 preference: float = 0.7, include_input_layers: bool = False, include_heads: bool = False) -> None:
+                 preference: float = 0.7, include_input_layers: bool = False, include_heads: bool = False,
+                 couple_norms: bool = False) -> None:
         super().__init__(include_input_layers, include_heads)
         for key, value, ok, allowed in (
                 ("lam", lam, lam >= 0, ">= 0"), ("beta1", beta1, beta1 >= 0, ">= 0"),
@@ -67,6 +72,8 @@ class GrOWL(SparsityMethod):
         self.phase1_iterations, self.phase2_iterations = phase1_iterations, phase2_iterations
         self.s_lmax, self.s_min, self.preference = float(s_lmax), float(s_min), float(preference)
         self.register_buffer("tied", torch.tensor(False))
+        self.couple_norms = couple_norms
+        self.norms: dict[str, torch.nn.Module] = {}  # layer name → coupled BatchNorm (set in on_fit_start)
 
     def setup(self, model: MultiTaskModel) -> None:
         super().setup(model)
@@ -117,20 +124,23 @@ class GrOWL(SparsityMethod):
         return (self.lam * spike_weights(layer.num_groups, self.beta1, self.beta2)).to(layer.weight)
 
     def penalty(self) -> Tensor | None:
-        return sum(owl_value(group_norms(layer.weight), self.theta(layer)) for layer in self.layers)
+        return sum(owl_value(group_norms(self.grouped(layer)), self.theta(layer)) for layer in self.layers)
 
     @torch.no_grad()
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Phase 1: add this step's lr to the pending prox step. Phase 2: re-zero the fixed zero rows."""
         if self.tied:
             for layer in self.layers:
-                zero_rows_(layer.weight, self._ids(layer))
+                rows = self.grouped(layer)  # coupled BN (γ, β) of a zero row stays zero too
+                zero_rows_(rows, self._ids(layer))
+                self.write_back_(layer, rows)
             return
         state = param_state(optimizer)
         self.prox_step += torch.tensor([state[id(layer.weight)][0]["lr"] for layer in self.layers]).to(self.prox_step)
 
     def on_fit_start(self, module: L.LightningModule) -> None:
-        """Warn when the trainer's epochs or the balancer's outer iterations disagree with the recipe."""
+        """Couple BN groups if asked; warn when the trainer's epochs or the balancer's iterations disagree with the recipe."""
+        self.couple_at_fit_start(module)
         max_epochs = module.trainer.max_epochs
         if max_epochs != self.total_epochs:
             log.warning("GrOWL recipe is (%d + %d) iterations × %d epochs = %d epochs but trainer.max_epochs=%s: "
@@ -179,9 +189,11 @@ class GrOWL(SparsityMethod):
         for step, layer in zip(self.prox_step.tolist(), self.layers):
             if step == 0:
                 continue
-            before = layer.weight.detach().clone()
-            growl_prox_(layer.weight, step * self.theta(layer))
-            cap_zero_rows_(layer.weight, before, math.floor(cap * layer.num_groups + 1e-9))  # guard j·s/M1 round-off
+            rows = self.grouped(layer)  # the weight, or weight + coupled BN (γ, β) stacked
+            before = rows.detach().clone()
+            growl_prox_(rows, step * self.theta(layer))
+            cap_zero_rows_(rows, before, math.floor(cap * layer.num_groups + 1e-9))  # guard j·s/M1 round-off
+            self.write_back_(layer, rows)
         self.prox_step.zero_()
 
     @torch.no_grad()

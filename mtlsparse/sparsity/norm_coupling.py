@@ -15,13 +15,20 @@ concatenations are left uncoupled.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
 from mtlsparse.sparsity.layers import PrunableLayer, group_view
+
+if TYPE_CHECKING:  # pragma: no cover
+    import lightning as L
+
+log = logging.getLogger("mtlsparse")
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
@@ -78,3 +85,49 @@ def unstack_groups_(stacked: Tensor, tensors: Sequence[Tensor]) -> None:
     weight.copy_(rows.transpose(0, 1))
     for i, t in enumerate(tensors[1:]):
         t.copy_(stacked[rest + i].view_as(t))
+
+
+class NormCoupling:
+    """Mixin for group methods with a `couple_norms` option (group lasso, GrOWL).
+
+    `grouped(layer)` is the tensor a group operator acts on (groups along dim 1): the weight
+    itself, or its `stack_groups` with the coupled BatchNorm's γ, β; `write_back_` stores a
+    changed stacked tensor back. Coupling is found at fit start, when the input shape is known.
+    """
+
+    couple_norms: bool = False
+    norms: dict[str, nn.Module]
+    layers: list[PrunableLayer]
+
+    def couple_at_fit_start(self, module: L.LightningModule) -> None:
+        if not self.couple_norms:
+            return
+        datamodule = getattr(module.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "input_shape"):
+            raise ValueError("method.couple_norms=true traces the model on the datamodule's input_shape; "
+                             "fit with a datamodule that has one, or set method.couple_norms=false")
+        self.couple(module.model, datamodule.input_shape)
+
+    def couple(self, model: nn.Module, input_shape: Sequence[int]) -> None:
+        """Find each layer's producer BatchNorm; its γ, β join the layer's input groups."""
+        self.norms = input_norms(model, self.layers, input_shape)
+        uncoupled = [layer.name for layer in self.layers if layer.name not in self.norms]
+        log.info("%s: BN-coupled groups in %s; uncoupled (no one-to-one BatchNorm): %s", type(self).__name__,
+                 sorted(self.norms) or "none", uncoupled or "none")
+
+    def group_tensors(self, layer: PrunableLayer) -> list[Tensor]:
+        return coupled_params(layer, self.norms.get(layer.name))
+
+    def group_size(self, layer: PrunableLayer) -> int:
+        """Entries per group: the layer's own group size, + 2 when coupled."""
+        return sum(t.numel() for t in self.group_tensors(layer)) // layer.num_groups
+
+    def grouped(self, layer: PrunableLayer) -> Tensor:
+        """The weight (uncoupled) or a fresh (group size, groups) stack of weight and γ, β."""
+        tensors = self.group_tensors(layer)
+        return tensors[0] if len(tensors) == 1 else stack_groups(tensors)
+
+    def write_back_(self, layer: PrunableLayer, grouped: Tensor) -> None:
+        """Store a changed `grouped(layer)` tensor (no-op when it is the weight itself)."""
+        if grouped is not layer.weight:
+            unstack_groups_(grouped, self.group_tensors(layer))
