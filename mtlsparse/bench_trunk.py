@@ -86,7 +86,7 @@ def synchronize(device: torch.device) -> None:
 
 def measure(depth: int, width: float, height: int, image_width: int, batch: int, steps: int, warmup: int,
             rounds: int, precision: str, device: torch.device) -> dict:
-    """Best-of-`rounds` images/s (and peak CUDA memory) for trunk-once and trunk-per-task training."""
+    """Best-of-`rounds` images/s (and CUDA step memory) for trunk-once and trunk-per-task training."""
     x, targets = nyu_batch(batch, height, image_width, device)
     result: dict = {"depth": depth, "width": width, "height": height, "image_width": image_width, "batch": batch,
                     "steps": steps, "warmup": warmup, "rounds": rounds, "precision": precision,

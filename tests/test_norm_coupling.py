@@ -39,7 +39,13 @@ def test_conv_after_batchnorm_is_coupled_and_flatten_fc_is_not():
     assert method.norms == {conv2.name: model.trunk[1]}  # Conv-BN-pool-ReLU-Conv: the first BN feeds conv2
     assert fc1.name not in method.norms  # 8 BN channels feed 8·s² features: not one-to-one
     assert method.group_size(conv2) == conv2.group_size + 2 and method.group_size(fc1) == fc1.group_size
-    assert coupled_method(bn_hps(batch_norm=False)).norms == {}
+
+
+def test_coupling_a_model_without_batchnorm_warns_and_keeps_plain_groups(caplog):
+    with caplog.at_level("WARNING", logger="mtlsparse"):
+        method = coupled_method(bn_hps(batch_norm=False))
+    assert method.norms == {} and "no layer reads a BatchNorm" in caplog.text
+    assert all(method.group_size(layer) == layer.group_size for layer in method.layers)
 
 
 def test_tracing_leaves_batchnorm_statistics_and_train_mode_alone():

@@ -112,6 +112,10 @@ class NormCoupling:
         """Find each layer's producer BatchNorm; its γ, β join the layer's input groups."""
         self.norms = input_norms(model, self.layers, input_shape)
         uncoupled = [layer.name for layer in self.layers if layer.name not in self.norms]
+        if not self.norms:
+            log.warning("method.couple_norms=true but no layer reads a BatchNorm one-to-one (layers: %s): the "
+                        "groups stay the weights alone", uncoupled)
+            return
         log.info("%s: BN-coupled groups in %s; uncoupled (no one-to-one BatchNorm): %s", type(self).__name__,
                  sorted(self.norms) or "none", uncoupled or "none")
 
