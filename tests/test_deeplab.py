@@ -90,6 +90,11 @@ def test_trunk_per_task_reproduces_the_reference_design_with_equal_outputs():
         torch.testing.assert_close(a[name], b[name])
 
 
+def test_non_boolean_trunk_per_task_is_a_clear_error():
+    with pytest.raises(ValueError, match="model.trunk_per_task must be true or false"):
+        DeepLabResNet(TASKS, (3, 32, 32), depth=18, trunk_per_task="yes", **TINY)
+
+
 def test_trunk_benchmark_trains_both_designs_and_writes_its_table(tmp_path):
     from mtlsparse import bench_trunk
 

@@ -202,3 +202,12 @@ def test_growl_penalty_uses_coupled_rows():
     expected = (owl_value(group_norms(stack_groups([conv2.weight, bn.weight, bn.bias])), method.theta(conv2))
                 + owl_value(group_norms(fc1.weight), method.theta(fc1)))
     torch.testing.assert_close(method.penalty(), expected)
+
+
+@pytest.mark.parametrize("method_name", ["group_lasso", "growl"])
+def test_non_boolean_couple_norms_is_a_clear_error(method_name):
+    from mtlsparse.config import build, compose_config
+
+    cfg = compose_config([f"method={method_name}", "method.couple_norms=yes"])
+    with pytest.raises(Exception, match="method.couple_norms must be true or false, got 'yes'"):
+        build(cfg, "method")

@@ -173,6 +173,8 @@ class DeepLabResNet(SharedTrunkModel):
                  else image_head(trunk.out_channels, t.out_dim, head_channels, cls_hidden)
                  for name, t in tasks.items()}
         super().__init__(tasks, trunk, heads)
+        if not isinstance(trunk_per_task, bool):
+            raise ValueError(f"model.trunk_per_task must be true or false, got {trunk_per_task!r}")
         self.trunk_per_task = trunk_per_task
         self._input_size: tuple[int, int] | None = None
 

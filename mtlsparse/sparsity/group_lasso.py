@@ -52,8 +52,7 @@ class GroupLasso(NormCoupling, ProxMethod):
         if prox not in PROX_VARIANTS:
             raise ValueError(f"method.prox must be one of {PROX_VARIANTS}, got '{prox}'")
         self.prox = prox
-        self.couple_norms = couple_norms
-        self.norms: dict[str, torch.nn.Module] = {}  # layer name → coupled BatchNorm (set in on_fit_start)
+        self.init_coupling(couple_norms)
 
     def on_fit_start(self, module: L.LightningModule) -> None:
         self.couple_at_fit_start(module)

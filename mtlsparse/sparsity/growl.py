@@ -72,8 +72,7 @@ class GrOWL(NormCoupling, SparsityMethod):
         self.phase1_iterations, self.phase2_iterations = phase1_iterations, phase2_iterations
         self.s_lmax, self.s_min, self.preference = float(s_lmax), float(s_min), float(preference)
         self.register_buffer("tied", torch.tensor(False))
-        self.couple_norms = couple_norms
-        self.norms: dict[str, torch.nn.Module] = {}  # layer name → coupled BatchNorm (set in on_fit_start)
+        self.init_coupling(couple_norms)
 
     def setup(self, model: MultiTaskModel) -> None:
         super().setup(model)

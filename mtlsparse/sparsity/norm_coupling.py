@@ -99,6 +99,13 @@ class NormCoupling:
     norms: dict[str, nn.Module]
     layers: list[PrunableLayer]
 
+    def init_coupling(self, couple_norms: bool) -> None:
+        """Validate and store the option (call from `__init__`, after `nn.Module.__init__`)."""
+        if not isinstance(couple_norms, bool):
+            raise ValueError(f"method.couple_norms must be true or false, got {couple_norms!r}")
+        self.couple_norms = couple_norms
+        self.norms = {}  # layer name → coupled BatchNorm, found by `couple` at fit start
+
     def couple_at_fit_start(self, module: L.LightningModule) -> None:
         if not self.couple_norms:
             return
