@@ -150,7 +150,8 @@ def test_penalty_sums_coupled_group_norms():
     method = coupled_method(model, lam=0.5)
     conv2, fc1 = method.layers
     bn = model.trunk[1]
-    expected = 0.5 * (math.sqrt(conv2.group_size + 2) * group_norms(stack_groups([conv2.weight, bn.weight, bn.bias])).sum()
+    coupled = group_norms(stack_groups([conv2.weight, bn.weight, bn.bias]))
+    expected = 0.5 * (math.sqrt(conv2.group_size + 2) * coupled.sum()
                       + math.sqrt(fc1.group_size) * group_norms(fc1.weight).sum())
     torch.testing.assert_close(method.penalty(), expected)
 

@@ -138,7 +138,7 @@ class GrOWL(NormCoupling, SparsityMethod):
         self.prox_step += torch.tensor([state[id(layer.weight)][0]["lr"] for layer in self.layers]).to(self.prox_step)
 
     def on_fit_start(self, module: L.LightningModule) -> None:
-        """Couple BN groups if asked; warn when the trainer's epochs or the balancer's iterations disagree with the recipe."""
+        """Couple BN groups if asked; warn when trainer epochs or balancer iterations disagree with the recipe."""
         self.couple_at_fit_start(module)
         max_epochs = module.trainer.max_epochs
         if max_epochs != self.total_epochs:

@@ -95,7 +95,7 @@ class NormCoupling:
     changed stacked tensor back. Coupling is found at fit start, when the input shape is known.
     """
 
-    couple_norms: bool = False
+    couple_norms: bool
     norms: dict[str, nn.Module]
     layers: list[PrunableLayer]
 
@@ -124,7 +124,7 @@ class NormCoupling:
                         "groups stay the weights alone", uncoupled)
             return
         log.info("%s: BN-coupled groups in %s; uncoupled (no one-to-one BatchNorm): %s", type(self).__name__,
-                 sorted(self.norms) or "none", uncoupled or "none")
+                 sorted(self.norms), uncoupled or "none")
 
     def group_tensors(self, layer: PrunableLayer) -> list[Tensor]:
         return coupled_params(layer, self.norms.get(layer.name))
