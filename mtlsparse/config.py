@@ -18,6 +18,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from mtlsparse.errors import ConfigError
+
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -26,10 +28,6 @@ def compose_config(overrides: list[str]) -> DictConfig:
     """Compose `conf/config.yaml` with overrides, as `python -m mtlsparse` would (for tests, bench)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name="config", overrides=overrides, return_hydra_config=True)
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key and what is allowed."""
 
 
 def _number(cfg: DictConfig, key: str) -> float:

@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mtlsparse.config import ConfigError
+from mtlsparse.errors import ConfigError
 from mtlsparse.io import write_json
 
 #: config keys that do not change results (where data lives, how progress is shown, how to resume)
