@@ -33,6 +33,21 @@ class SparsityMethod(nn.Module):
         self.include_input_layers = include_input_layers
         self.include_heads = include_heads
         self._layers: list[PrunableLayer] = []
+        self.budget_set = False
+
+    def set_budget(self, max_epochs: int | None) -> None:
+        """Resolve the epoch schedule for a run of `max_epochs` epochs (None or < 1: unbounded).
+
+        Methods with epoch schedules turn their fractions of the run into epochs here and
+        raise `ConfigError` for explicit epochs the run cannot reach (see `budget.py`); the
+        run code calls it right after building the method. The base has no schedule.
+        """
+        self.budget_set = True
+
+    def ensure_budget(self, module: L.LightningModule) -> None:
+        """Fit-start fallback: take the trainer's max_epochs when `set_budget` was not called."""
+        if not self.budget_set:
+            self.set_budget(getattr(getattr(module, "trainer", None), "max_epochs", None))
 
     def setup(self, model: MultiTaskModel) -> None:
         """Bind to the model: find the layers this method acts on."""
@@ -50,7 +65,8 @@ class SparsityMethod(nn.Module):
         """Runs after every optimizer step (prox operators, mask re-application)."""
 
     def on_fit_start(self, module: L.LightningModule) -> None:
-        """Runs once before training (mask initialisation from data, e.g. SNIP)."""
+        """Runs once before training (mask initialisation from data, e.g. SNIP); subclasses call super()."""
+        self.ensure_budget(module)
 
     def on_train_epoch_end(self, module: L.LightningModule) -> None:
         """Runs after each training epoch (thresholding, schedules, phase changes)."""

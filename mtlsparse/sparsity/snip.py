@@ -84,6 +84,7 @@ class SNIP(MaskedMethod):
         return self.per_task_masks.as_dict()
 
     def on_fit_start(self, module: L.LightningModule) -> None:
+        super().on_fit_start(module)
         if bool(self.initialized):  # resumed: masks came with the checkpoint
             return
         grads = task_gradient_magnitudes(module, self.layers, self.num_batches)
