@@ -21,6 +21,7 @@ def mask_sparsity(method) -> float:
 
 def test_magnitude_one_shot_prunes_the_smallest_weights_at_prune_epoch():
     method, _ = attach(Magnitude(sparsity=0.8, prune_epoch=2))
+    method.set_budget(30)
     before = [layer.weight.detach().clone() for layer in method.layers]
     for epoch in range(2):
         method.on_train_epoch_end(fake_module(None, epoch))
@@ -35,6 +36,7 @@ def test_magnitude_one_shot_prunes_the_smallest_weights_at_prune_epoch():
 
 def test_magnitude_gradual_follows_the_cubic_schedule_and_never_revives():
     method, _ = attach(Magnitude(sparsity=0.9, schedule="gradual", start_epoch=1, end_epoch=4, allocation="uniform"))
+    method.set_budget(30)
     assert method.target_after(0) is None and method.target_after(5) is None
     previous = torch.ones(0, dtype=torch.bool)
     for epoch in range(1, 5):

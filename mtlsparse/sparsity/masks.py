@@ -11,9 +11,7 @@ with fresh state. Gradients are left untouched, so `.grad` keeps the dense gradi
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -22,10 +20,6 @@ from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.base import SparsityMethod
 from mtlsparse.sparsity.layers import PrunableLayer
 
-if TYPE_CHECKING:  # pragma: no cover
-    import lightning as L
-
-log = logging.getLogger("mtlsparse")
 MASK = "weight_mask"
 #: checkpoints below target − this many points of sparsity/param never count as best
 SPARSITY_TOLERANCE = 0.5
@@ -138,13 +132,6 @@ class MaskedMethod(SparsityMethod):
 
     def masks(self) -> dict[str, Tensor]:
         return {layer.name: mask_of(layer) for layer in self.layers}
-
-    def warn_if_unreached(self, module: L.LightningModule, epoch: int, key: str) -> None:
-        """Warn when the epoch that reaches the target lies beyond trainer.max_epochs."""
-        max_epochs = module.trainer.max_epochs
-        if self.sparsity > 0 and max_epochs is not None and 0 <= max_epochs <= epoch:
-            log.warning("method.%s=%d is not reached within trainer.max_epochs=%d: the run ends below "
-                        "the target sparsity %.3g", key, epoch, max_epochs, self.sparsity)
 
     def set_masks_(self, masks: Sequence[Tensor]) -> None:
         """Install one mask per prunable layer (in `self.layers` order)."""

@@ -1,7 +1,11 @@
 """Reweighted ℓ1 pruning (Guo et al., METHODS.md §3): pretrain → reweighted ℓ1 → prune → retrain.
 
-Stages are counted in epochs (0-based epoch e): `pretrain` while e < pretrain_epochs,
-`reweight` for the next reweight_epochs, `retrain` afterwards. In the reweight stage
+Stages are counted in epochs (0-based epoch e): `pretrain` while e < P, `reweight` for
+the next R epochs, `retrain` afterwards. P and R are fractions of the run by default
+(`pretrain_fraction`, `reweight_fraction`: round(f·N) epochs, R clamped so the prune
+falls within the run) unless given explicitly (`pretrain_epochs`, `reweight_epochs`,
+which replace the fractions and must fit: P + R <= trainer.max_epochs); at the default
+30 epochs that is P = 5, R = 10. In the reweight stage
 the objective gains c·Σ|W ⊙ R| with R = 1/(|W_prev| + δ); it is minimised by a proximal
 step after every optimizer step (soft threshold with per-weight τ = lr·c·R), so it acts
 with every balancer, whatever k0. R is taken when the stage starts and refreshed after
@@ -15,9 +19,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from mtlsparse.errors import ConfigError
 from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.allocation import check_allocation
 from mtlsparse.sparsity.base import param_state
+from mtlsparse.sparsity.budget import check_epoch, check_fraction, epoch_count, finite_budget, needs_budget
 from mtlsparse.sparsity.magnitude import magnitude_prune_
 from mtlsparse.sparsity.masks import MaskedMethod
 from mtlsparse.sparsity.prox import soft_threshold_
@@ -33,19 +39,52 @@ class ReweightedL1(MaskedMethod):
 
     family = "prune"
 
-    def __init__(self, sparsity: float = 0.0, c: float = 1e-7, delta: float = 1e-6, pretrain_epochs: int = 5,
-                 reweight_epochs: int = 10, refresh_every: int = 2, allocation: str = "uniform",
+    def __init__(self, sparsity: float = 0.0, c: float = 1e-7, delta: float = 1e-6, pretrain_fraction: float = 0.1667,
+                 pretrain_epochs: int | None = None, reweight_fraction: float = 0.3333,
+                 reweight_epochs: int | None = None, refresh_every: int = 2, allocation: str = "uniform",
                  include_input_layers: bool = False, include_heads: bool = False) -> None:
         super().__init__(sparsity, include_input_layers, include_heads)
         if c < 0 or delta <= 0:
             raise ValueError(f"need method.c >= 0 and method.delta > 0, got c={c}, delta={delta}")
-        if min(pretrain_epochs, reweight_epochs) < 0 or refresh_every < 1:
-            raise ValueError("need method.pretrain_epochs >= 0, method.reweight_epochs >= 0, "
-                             f"method.refresh_every >= 1, got {pretrain_epochs}, {reweight_epochs}, {refresh_every}")
+        if refresh_every < 1:
+            raise ValueError(f"need method.refresh_every >= 1, got {refresh_every}")
         self.c, self.delta = float(c), float(delta)
-        self.pretrain_epochs, self.reweight_epochs, self.refresh_every = pretrain_epochs, reweight_epochs, refresh_every
+        self.pretrain_fraction = check_fraction("pretrain_fraction", pretrain_fraction)
+        self.reweight_fraction = check_fraction("reweight_fraction", reweight_fraction)
+        self.pretrain_epochs = check_epoch("pretrain_epochs", pretrain_epochs, "pretrain_fraction")
+        self.reweight_epochs = check_epoch("reweight_epochs", reweight_epochs, "reweight_fraction")
+        if pretrain_epochs is None and reweight_epochs is None and self.pretrain_fraction + self.reweight_fraction > 1:
+            raise ConfigError("method.pretrain_fraction + method.reweight_fraction must be <= 1 (the prune falls "
+                              f"within the run), got {self.pretrain_fraction} + {self.reweight_fraction}")
+        self.refresh_every = refresh_every
         self.allocation = check_allocation(allocation)
+        self.stages: tuple[int, int] | None = None  # (P, R), resolved by set_budget
         self.register_buffer("epochs_done", torch.tensor(0))
+
+    def set_budget(self, max_epochs: int | None) -> None:
+        super().set_budget(max_epochs)
+        self.stages = self.resolve_stages(finite_budget(max_epochs))
+
+    def resolve_stages(self, budget: int | None) -> tuple[int, int]:
+        """(pretrain epochs P, reweight epochs R) for a `budget`-epoch run (None: unbounded)."""
+        pretrain, reweight = self.pretrain_epochs, self.reweight_epochs
+        if budget is None:
+            if pretrain is None or reweight is None:
+                name = "pretrain" if pretrain is None else "reweight"
+                raise needs_budget(f"{name}_fraction", f"{name}_epochs")
+            return pretrain, reweight
+        explicit = (pretrain or 0) + (reweight or 0)
+        if explicit > budget:
+            given = " + ".join(f"method.{k}={v}" for k, v in (("pretrain_epochs", pretrain),
+                                                               ("reweight_epochs", reweight)) if v is not None)
+            raise ConfigError(f"{given} puts the prune past the last epoch of trainer.max_epochs={budget} "
+                              f"(epochs 0..{budget - 1}): lower them or drop them (=null) to use "
+                              "method.pretrain_fraction / method.reweight_fraction, fractions of the run")
+        if pretrain is None:
+            pretrain = epoch_count(self.pretrain_fraction, budget, high=budget - (reweight or 0))
+        if reweight is None:
+            reweight = epoch_count(self.reweight_fraction, budget, high=budget - pretrain)
+        return pretrain, reweight
 
     def setup(self, model: MultiTaskModel) -> None:
         super().setup(model)
@@ -58,9 +97,12 @@ class ReweightedL1(MaskedMethod):
 
     def stage(self, epoch: int) -> str:
         """Stage that training epoch `epoch` (0-based) belongs to."""
-        if epoch < self.pretrain_epochs:
+        if self.stages is None:
+            raise RuntimeError("ReweightedL1: call set_budget(trainer.max_epochs) before the schedule is used")
+        pretrain, reweight = self.stages
+        if epoch < pretrain:
             return "pretrain"
-        return "reweight" if epoch < self.pretrain_epochs + self.reweight_epochs else "retrain"
+        return "reweight" if epoch < pretrain + reweight else "retrain"
 
     @property
     def reweighting(self) -> bool:
@@ -85,7 +127,7 @@ class ReweightedL1(MaskedMethod):
         return self.c * sum((layer.weight * r).abs().sum() for layer, r in zip(self.layers, self.reweights()))
 
     def on_fit_start(self, module: L.LightningModule) -> None:
-        self.warn_if_unreached(module, self.pretrain_epochs + self.reweight_epochs - 1, "reweight_epochs")
+        super().on_fit_start(module)
         if int(self.epochs_done) == 0 and self.stage(0) != "pretrain":
             self.enter(self.stage(0))
 
@@ -95,7 +137,7 @@ class ReweightedL1(MaskedMethod):
         current, following = self.stage(epoch), self.stage(epoch + 1)
         if following != current:
             self.enter(following)
-        elif following == "reweight" and (epoch + 1 - self.pretrain_epochs) % self.refresh_every == 0:
+        elif following == "reweight" and (epoch + 1 - self.stages[0]) % self.refresh_every == 0:
             self.refresh()
 
     @torch.no_grad()
