@@ -114,6 +114,7 @@ def test_end_fraction_sets_the_last_rewire_step():
 
 def test_minmax_dst_rewires_at_the_configured_epochs_only():
     method, model = attach(MinMaxDST(sparsity=0.8, regrow_fraction=0.2, update_every=2, end_epoch=4))
+    method.set_budget(8)
     start = counts(method)
     changed = []
     for epoch in range(8):

@@ -15,10 +15,12 @@ how they score regrowth:
   task); on shared layers every task regrows its own top share, the shares OR'ed, with
   one share size for all tasks chosen so the OR regrows exactly as many as were dropped;
 - min-max DST (Guo et al.): like RigL, but at epoch ends every `update_every` epochs with
-  a constant fraction.
+  a constant fraction, until an end epoch (default: `end_fraction` of the run's epochs,
+  `budget.py`; an explicit `end_epoch` replaces it and must lie within the run).
 
 SET/RigL/DiSparse rewire after the optimizer step at every `update_interval`-th step
-before `end_step` (default: `end_fraction` of the run), the fraction decaying by cosine.
+before `end_step` (default: `end_fraction` of the run's optimizer steps; an explicit
+`end_step` must lie within the run), the fraction decaying by cosine.
 """
 from __future__ import annotations
 
@@ -30,8 +32,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from mtlsparse.errors import ConfigError
 from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.allocation import LAYERWISE, check_allocation, layer_counts, union_topk
+from mtlsparse.sparsity.budget import check_epoch, check_fraction, finite_budget, resolve_point
 from mtlsparse.sparsity.layers import PrunableLayer
 from mtlsparse.sparsity.masks import MaskedMethod, TaskMasks, apply_masks_, layer_tasks, mask_of, set_mask_, topk_mask
 from mtlsparse.sparsity.schedules import cosine_fraction
@@ -124,12 +128,19 @@ class ScheduledDST(DynamicSparse):
         self.rewire_until = end_step  # resolved from end_fraction at fit start when end_step is None
 
     def on_fit_start(self, module: L.LightningModule) -> None:
+        """Resolve the last rewire step from the run's optimizer steps (known only once data is set up)."""
+        super().on_fit_start(module)
+        total = module.trainer.estimated_stepping_batches
         if self.end_step is None:
-            total = module.trainer.estimated_stepping_batches
             if not math.isfinite(total):
-                raise ValueError("method.end_fraction needs a finite run length (trainer.max_epochs or max_steps); "
-                                 "set method.end_step instead")
+                raise ConfigError("method.end_fraction needs a finite run length (trainer.max_epochs or max_steps); "
+                                  "set method.end_step instead")
             self.rewire_until = int(self.end_fraction * total)
+        elif math.isfinite(total) and self.end_step > total:
+            raise ConfigError(f"method.end_step={self.end_step} is past the last optimizer step of this run "
+                              f"({int(total)} steps: trainer.max_epochs / max_steps, limit_train_batches): lower "
+                              "method.end_step or drop it (method.end_step=null) to use method.end_fraction, "
+                              "a fraction of the run (e.g. method.end_fraction=0.75)")
 
     def fraction_at(self, step: int) -> float:
         """Drop fraction of a rewire after optimizer step `step` (0 when no rewire is due)."""
@@ -212,17 +223,27 @@ class MinMaxDST(DynamicSparse):
     layer's weights by magnitude and regrow as many zero weights with the largest |grad| (last step)."""
 
     def __init__(self, sparsity: float = 0.0, regrow_fraction: float = 0.1, update_every: int = 2,
-                 end_epoch: int = 21, init: str = "erk", seed: int = 0, include_input_layers: bool = False,
-                 include_heads: bool = False) -> None:
+                 end_fraction: float = 0.7333, end_epoch: int | None = None, init: str = "erk", seed: int = 0,
+                 include_input_layers: bool = False, include_heads: bool = False) -> None:
         super().__init__(sparsity, init, seed, include_input_layers, include_heads)
         if not 0 <= regrow_fraction <= 1 or update_every < 1:
             raise ValueError("need method.regrow_fraction in [0, 1] and method.update_every >= 1, "
                              f"got {regrow_fraction}, {update_every}")
-        self.regrow_fraction, self.update_every, self.end_epoch = regrow_fraction, update_every, end_epoch
+        self.regrow_fraction, self.update_every = regrow_fraction, update_every
+        self.end_fraction = check_fraction("end_fraction", end_fraction)
+        self.end_epoch = check_epoch("end_epoch", end_epoch, "end_fraction")
+        self.last_rewire_epoch: int | None = None  # resolved by set_budget
+
+    def set_budget(self, max_epochs: int | None) -> None:
+        super().set_budget(max_epochs)
+        self.last_rewire_epoch = resolve_point("end_epoch", self.end_epoch, "end_fraction", self.end_fraction,
+                                               finite_budget(max_epochs))
 
     def rewires_after(self, epoch: int) -> bool:
         """Whether the end of `epoch` (0-based) rewires."""
-        return epoch <= self.end_epoch and (epoch + 1) % self.update_every == 0
+        if self.last_rewire_epoch is None:
+            raise RuntimeError("MinMaxDST: call set_budget(trainer.max_epochs) before the schedule is used")
+        return epoch <= self.last_rewire_epoch and (epoch + 1) % self.update_every == 0
 
     def regrow_scores(self) -> list[Tensor]:
         return gradient_magnitudes(self.layers)
