@@ -170,7 +170,8 @@ def test_refit_freezes_the_support_and_stops_shrinking():
     layer = method.layers[-1]
     with torch.no_grad():
         layer.weight[:, :4] = 0
-    module = SimpleNamespace(trainer=SimpleNamespace(max_epochs=5), current_epoch=1)
+    method.set_budget(5)
+    module = SimpleNamespace(current_epoch=1)
     method.on_train_epoch_end(module)
     assert not method.refitting and method.masks() is None  # 3 epochs left > 2
     module.current_epoch = 2

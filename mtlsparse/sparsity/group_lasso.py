@@ -45,10 +45,10 @@ class GroupLasso(NormCoupling, ProxMethod):
 
     structured = True
 
-    def __init__(self, lam: float = 0.0, prox: str = "adam", finetune_epochs: int = 0,
-                 include_input_layers: bool = False, include_heads: bool = False,
-                 couple_norms: bool = False) -> None:
-        super().__init__(lam, finetune_epochs, include_input_layers, include_heads)
+    def __init__(self, lam: float = 0.0, prox: str = "adam", finetune_fraction: float = 0.0,
+                 finetune_epochs: int | None = None, include_input_layers: bool = False,
+                 include_heads: bool = False, couple_norms: bool = False) -> None:
+        super().__init__(lam, finetune_fraction, finetune_epochs, include_input_layers, include_heads)
         if prox not in PROX_VARIANTS:
             raise ValueError(f"method.prox must be one of {PROX_VARIANTS}, got '{prox}'")
         self.prox = prox
@@ -56,6 +56,7 @@ class GroupLasso(NormCoupling, ProxMethod):
 
     def on_fit_start(self, module: L.LightningModule) -> None:
         self.couple_at_fit_start(module)
+        super().on_fit_start(module)
 
     def penalty(self) -> Tensor | None:
         return self.lam * sum(math.sqrt(self.group_size(layer)) * group_norms(self.grouped(layer)).sum()

@@ -1,9 +1,12 @@
 """Regularise-and-prox methods, with an optional refit on the support they found.
 
 The prox shrinks every surviving weight a little at every step (the penalty's bias).
-With `finetune_epochs > 0` the last epochs stop the prox and freeze the zero pattern
-found so far in mask buffers (so checkpoints and resume keep it): the surviving
-weights are refit without shrinkage, the usual "debiasing" step after a lasso.
+With a refit the last F epochs stop the prox and freeze the zero pattern found so far
+in mask buffers (so checkpoints and resume keep it): the surviving weights are refit
+without shrinkage, the usual "debiasing" step after a lasso. F is `finetune_fraction`
+of the run (default 0: no refit; round(f·N), at least 1 when f > 0, at most N − 1 so
+one prox epoch comes first) unless `finetune_epochs` is given, which replaces it and
+must leave that prox epoch (F <= trainer.max_epochs − 1).
 """
 from __future__ import annotations
 
@@ -12,8 +15,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from mtlsparse.errors import ConfigError
 from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.base import SparsityMethod
+from mtlsparse.sparsity.budget import check_epoch, check_fraction, epoch_count, finite_budget, needs_budget
 from mtlsparse.sparsity.masks import add_mask, apply_masks_, mask_of, set_mask_
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,20 +30,48 @@ class ProxMethod(SparsityMethod):
 
     family = "prox"
 
-    def __init__(self, lam: float = 0.0, finetune_epochs: int = 0, include_input_layers: bool = False,
-                 include_heads: bool = False) -> None:
+    def __init__(self, lam: float = 0.0, finetune_fraction: float = 0.0, finetune_epochs: int | None = None,
+                 include_input_layers: bool = False, include_heads: bool = False) -> None:
         super().__init__(include_input_layers, include_heads)
         if lam < 0:
             raise ValueError(f"method.lam must be >= 0, got {lam}")
-        if finetune_epochs < 0:
-            raise ValueError(f"method.finetune_epochs must be >= 0, got {finetune_epochs}")
         self.lam = float(lam)
-        self.finetune_epochs = int(finetune_epochs)
+        self.finetune_fraction = check_fraction("finetune_fraction", finetune_fraction)
+        self.finetune_epochs = check_epoch("finetune_epochs", finetune_epochs, "finetune_fraction")
+        self.refit_epochs: int | None = None  # F, resolved by set_budget
+        self.freeze_after: int | None = None
         self.register_buffer("refitting", torch.tensor(False))
+
+    @property
+    def refits(self) -> bool:
+        """Whether a refit may happen at all (decides the mask buffers before the budget is known)."""
+        return bool(self.finetune_epochs) if self.finetune_epochs is not None else self.finetune_fraction > 0
+
+    def set_budget(self, max_epochs: int | None) -> None:
+        super().set_budget(max_epochs)
+        budget = finite_budget(max_epochs)
+        if self.finetune_epochs is not None:
+            if budget is None and self.finetune_epochs:
+                raise ConfigError(f"method.finetune_epochs={self.finetune_epochs} counts the last epochs of the run, "
+                                  "but trainer.max_epochs is unbounded here: set trainer.max_epochs")
+            if budget is not None and self.finetune_epochs >= budget:
+                raise ConfigError(
+                    f"method.finetune_epochs={self.finetune_epochs} leaves no prox epoch before the refit in "
+                    f"trainer.max_epochs={budget} (at most {budget - 1}): lower method.finetune_epochs or drop "
+                    "it (method.finetune_epochs=null) to use method.finetune_fraction, a fraction of the run")
+            self.refit_epochs = self.finetune_epochs
+        elif self.finetune_fraction == 0:
+            self.refit_epochs = 0
+        elif budget is None:
+            raise needs_budget("finetune_fraction", "finetune_epochs")
+        else:
+            self.refit_epochs = epoch_count(self.finetune_fraction, budget, low=1, high=budget - 1)
+        # the support freezes at the end of this epoch (None: no refit)
+        self.freeze_after = budget - 1 - self.refit_epochs if self.refit_epochs else None
 
     def setup(self, model: MultiTaskModel) -> None:
         super().setup(model)
-        if self.finetune_epochs:
+        if self.refits:
             for layer in self.layers:
                 add_mask(layer.module)
 
@@ -54,9 +87,10 @@ class ProxMethod(SparsityMethod):
 
     @torch.no_grad()
     def on_train_epoch_end(self, module: L.LightningModule) -> None:
-        """Freeze the support when only `finetune_epochs` epochs are left."""
-        remaining = module.trainer.max_epochs - (module.current_epoch + 1)
-        if self.finetune_epochs and not self.refitting and remaining <= self.finetune_epochs:
+        """Freeze the support when only the refit's F epochs are left."""
+        if self.refit_epochs is None and self.refits:
+            raise RuntimeError(f"{type(self).__name__}: call set_budget(trainer.max_epochs) before training")
+        if self.freeze_after is not None and not self.refitting and module.current_epoch >= self.freeze_after:
             for layer in self.layers:
                 set_mask_(layer, layer.weight != 0)
             self.refitting.fill_(True)
