@@ -39,8 +39,10 @@ def tiny_hps() -> HPS:
 
 
 def bound_growl(**kwargs) -> GrOWL:
+    """GrOWL on a tiny HPS, its budget the recipe's (M1 + M2)·p epochs (phase-1 iterations of p epochs)."""
     method = GrOWL(**kwargs)
     method.setup(tiny_hps())
+    method.set_budget(method.total_epochs)
     return method
 
 
@@ -137,6 +139,7 @@ def test_penalty_is_the_growl_value_and_differentiable():
 # ------------------------------------------------------------------ the two phases
 def test_schedule_cap_and_checkpoint_floor_follow_the_epoch():
     method = GrOWL(epochs_per_iteration=3, phase1_iterations=3, phase2_iterations=10, s_lmax=0.6, s_min=0.2)
+    method.set_budget(39)  # the recipe's budget: phase 1 = 3 iterations of 3 epochs
     assert [method.phase(e) for e in (0, 8, 9, 38)] == [1, 1, 2, 2]
     assert [method.iteration(e) for e in (0, 2, 3, 8, 9, 12)] == [1, 1, 2, 3, 1, 2]
     assert [round(method.cap(e), 6) for e in (0, 3, 6, 9)] == [0.2, 0.4, 0.6, 0.6]

@@ -1,6 +1,12 @@
 """GrOWL sparsification and parameter tying in two phases (MDMTN, Hotegni et al.; METHODS.md §1).
 
-Phase 1 (first M1·p epochs, M1 outer iterations of p epochs): the differentiable
+Phase lengths are fractions of the run: phase 1 takes M1/(M1 + M2) of trainer.max_epochs
+(round(·), at least 1 epoch and, when M2 > 0, at most N − 1 so phase 2 runs), split
+into M1 equal outer iterations; with the recipe's budget (M1 + M2)·p that is M1 iterations
+of p epochs. An explicit `phase1_epochs` replaces the fraction and must leave a phase-2
+epoch (or fit in the run when M2 = 0).
+
+Phase 1 (M1 outer iterations): the differentiable
 penalty λ·Σ_layers G_θ(W) is the sparsity objective L0 handed to the balancer, and at
 the end of every epoch each layer gets the exact GrOWL prox. Its step is the sum of the
 learning rates of the optimizer steps since the last prox, so the epoch-end prox is
@@ -28,8 +34,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from mtlsparse.errors import ConfigError
 from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.base import SparsityMethod, param_state
+from mtlsparse.sparsity.budget import epoch_count, finite_budget
 from mtlsparse.sparsity.layers import PrunableLayer, group_norms, group_shape
 from mtlsparse.sparsity.norm_coupling import NormCoupling
 from mtlsparse.sparsity.owl import cap_zero_rows_, growl_prox_, owl_value, spike_weights
@@ -53,9 +61,9 @@ class GrOWL(NormCoupling, SparsityMethod):
     structured = True
 
     def __init__(self, lam: float = 1.0, beta1: float = 0.8, beta2: float = 0.2, epochs_per_iteration: int = 3,
-                 phase1_iterations: int = 3, phase2_iterations: int = 10, s_lmax: float = 0.8, s_min: float = 0.2,
-                 preference: float = 0.7, include_input_layers: bool = False, include_heads: bool = False,
-                 couple_norms: bool = False) -> None:
+                 phase1_iterations: int = 3, phase2_iterations: int = 10, phase1_epochs: int | None = None,
+                 s_lmax: float = 0.8, s_min: float = 0.2, preference: float = 0.7, include_input_layers: bool = False,
+                 include_heads: bool = False, couple_norms: bool = False) -> None:
         super().__init__(include_input_layers, include_heads)
         for key, value, ok, allowed in (
                 ("lam", lam, lam >= 0, ">= 0"), ("beta1", beta1, beta1 >= 0, ">= 0"),
@@ -70,6 +78,12 @@ class GrOWL(NormCoupling, SparsityMethod):
         self.lam, self.beta1, self.beta2 = float(lam), float(beta1), float(beta2)
         self.epochs_per_iteration = epochs_per_iteration
         self.phase1_iterations, self.phase2_iterations = phase1_iterations, phase2_iterations
+        if phase1_epochs is not None and (isinstance(phase1_epochs, bool) or not isinstance(phase1_epochs, int)
+                                          or phase1_epochs < 1):
+            raise ConfigError(f"method.phase1_epochs must be null (phase 1 = M1/(M1 + M2) of the run) or an integer "
+                              f"number of epochs >= 1, got {phase1_epochs!r}")
+        self.explicit_phase1 = phase1_epochs
+        self.phases: tuple[int, int | None] | None = None  # (phase-1 epochs, run epochs), set by set_budget
         self.s_lmax, self.s_min, self.preference = float(s_lmax), float(s_min), float(preference)
         self.register_buffer("tied", torch.tensor(False))
         self.init_coupling(couple_norms)
@@ -94,23 +108,56 @@ class GrOWL(NormCoupling, SparsityMethod):
         return 100.0 * self.s_min if (self.tied or self.phase2_iterations == 0) else 100.0
 
     # ------------------------------------------------------------ schedule
+    def set_budget(self, max_epochs: int | None) -> None:
+        super().set_budget(max_epochs)
+        budget = finite_budget(max_epochs)
+        last_phase1 = budget if budget is None or self.phase2_iterations == 0 else budget - 1
+        if self.explicit_phase1 is not None:
+            if last_phase1 is not None and self.explicit_phase1 > max(last_phase1, 0):
+                room = "leaves no phase-2 epoch" if self.phase2_iterations else "is past the end"
+                raise ConfigError(
+                    f"method.phase1_epochs={self.explicit_phase1} {room} of trainer.max_epochs={budget} (at most "
+                    f"{last_phase1}): lower method.phase1_epochs or drop it (method.phase1_epochs=null) to split "
+                    "the run as method.phase1_iterations : method.phase2_iterations")
+            self.phases = (self.explicit_phase1, budget)
+        elif budget is None:
+            raise ConfigError("GrOWL's phases are fractions of trainer.max_epochs, which is unbounded here: "
+                              "set trainer.max_epochs or give method.phase1_epochs explicitly")
+        else:
+            share = self.phase1_iterations / (self.phase1_iterations + self.phase2_iterations)
+            self.phases = (epoch_count(share, budget, low=1, high=max(last_phase1, 1)), budget)
+
     @property
     def phase1_epochs(self) -> int:
-        return self.phase1_iterations * self.epochs_per_iteration
+        """Epochs of phase 1 in this run (set_budget resolves it)."""
+        if self.phases is None:
+            raise RuntimeError("GrOWL: call set_budget(trainer.max_epochs) before the schedule is used")
+        return self.phases[0]
 
     @property
     def total_epochs(self) -> int:
-        """The recipe's epoch budget (M1 + M2)·p."""
+        """The recipe's epoch budget (M1 + M2)·p, the default trainer.max_epochs of method=growl."""
         return (self.phase1_iterations + self.phase2_iterations) * self.epochs_per_iteration
 
     def phase(self, epoch: int) -> int:
-        """1 (sparsify) for the first M1·p epochs, 2 (tie) after."""
+        """1 (sparsify) for the first phase-1 epochs, 2 (tie) after."""
         return 1 if epoch < self.phase1_epochs else 2
 
     def iteration(self, epoch: int) -> int:
-        """1-based outer iteration within the epoch's phase."""
-        start = 0 if self.phase(epoch) == 1 else self.phase1_epochs
-        return (epoch - start) // self.epochs_per_iteration + 1
+        """1-based outer iteration within the epoch's phase: the phase split into M equal iterations.
+
+        Epoch e (0-based within the phase of E epochs) ends in iteration ⌈(e + 1)·M/E⌉, so the
+        phase's last epoch ends iteration M; with E = M·p that is ⌊e/p⌋ + 1. Phase 2 without a
+        finite budget or with M2 = 0 counts iterations of p epochs.
+        """
+        phase1, budget = self.phase1_epochs, self.phases[1]
+        if self.phase(epoch) == 1:
+            start, count, length = 0, self.phase1_iterations, phase1
+        elif budget is not None and self.phase2_iterations and budget > phase1:
+            start, count, length = phase1, self.phase2_iterations, budget - phase1
+        else:
+            return (epoch - phase1) // self.epochs_per_iteration + 1
+        return min(-(-(epoch - start + 1) * count // length), count)
 
     def cap(self, epoch: int) -> float:
         """Max fraction of zero rows per layer: j·s_lmax/M1 at phase-1 iteration j, s_lmax after."""
@@ -138,14 +185,11 @@ class GrOWL(NormCoupling, SparsityMethod):
         self.prox_step += torch.tensor([state[id(layer.weight)][0]["lr"] for layer in self.layers]).to(self.prox_step)
 
     def on_fit_start(self, module: L.LightningModule) -> None:
-        """Couple BN groups if asked; warn when trainer epochs or balancer iterations disagree with the recipe."""
+        """Couple BN groups if asked; warn when the balancer's iterations disagree with the method's."""
         self.couple_at_fit_start(module)
-        max_epochs = module.trainer.max_epochs
-        if max_epochs != self.total_epochs:
-            log.warning("GrOWL recipe is (%d + %d) iterations × %d epochs = %d epochs but trainer.max_epochs=%s: "
-                        "phase 2 starts after epoch %d and lasts until training stops", self.phase1_iterations,
-                        self.phase2_iterations, self.epochs_per_iteration, self.total_epochs, max_epochs,
-                        self.phase1_epochs)
+        super().on_fit_start(module)
+        log.info("GrOWL: phase 1 = epochs 0..%d (%d iterations), phase 2 = the rest", self.phase1_epochs - 1,
+                 self.phase1_iterations)
         balancer_p = getattr(module.balancer, "epochs_per_iteration", self.epochs_per_iteration)
         if balancer_p != self.epochs_per_iteration:
             log.warning("GrOWL iterations last method.epochs_per_iteration=%d epochs but the balancer's last %d",
