@@ -1,19 +1,21 @@
-# mtlsparse — set-up, run, test, bench, sweep. `make run` and `make test` install what they need.
+# mtlsparse — set-up, run, test, bench, sweep. `make run` and `make test` install what they need into the
+# active Python environment (use a virtualenv: python3 -m venv .venv && . .venv/bin/activate).
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
-STAMP := .make-setup.stamp
+# one stamp per interpreter environment: a new virtualenv installs afresh
+STAMP := $(shell $(PYTHON) -c 'import sys; print(sys.prefix)')/.mtlsparse-setup-$(notdir $(CURDIR)).stamp
 
-.PHONY: setup setup-slurm test-slurm run test test-slow bench bench-export bench-trunk sweep report clean
+.PHONY: setup setup-slurm test-slurm run test test-slow lint bench bench-export bench-trunk sweep clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing Debian's Fashion-MNIST (dataset-fashion-mnist)"; \
 		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null \
 		|| echo "warning: could not install dataset-fashion-mnist; set dataset.download=true on an online machine"; \
 	fi
-	$(PIP) install -q -e ".[dev,slurm]"
+	$(PIP) install -q -e ".[dev]"
 	@touch $(STAMP)
 
 # Slurm + munge (Debian) for the real-Slurm tests; they start a throwaway single-node cluster themselves
@@ -26,7 +28,10 @@ test-slurm: setup-slurm
 run: setup
 	$(PYTHON) -m mtlsparse $(ARGS)
 
-test: setup
+lint: setup
+	$(PYTHON) -m ruff check .
+
+test: setup lint
 	$(PYTHON) -m pytest $(ARGS)
 
 test-slow: setup
@@ -46,4 +51,4 @@ sweep: setup
 	$(PYTHON) -m mtlsparse -m +sweep=lambda_group_lasso $(ARGS)
 
 clean:
-	rm -rf outputs multirun .pytest_cache $(STAMP)
+	rm -rf outputs multirun .pytest_cache build dist

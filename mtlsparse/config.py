@@ -18,16 +18,16 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from mtlsparse.conf_dir import CONF_DIR, normalise_overrides
 from mtlsparse.errors import ConfigError
 
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+__all__ = ["CONF_DIR", "ConfigError", "build", "compose_config"]
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """Compose `conf/config.yaml` with overrides, as `python -m mtlsparse` would (for tests, bench)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        return compose(config_name="config", overrides=normalise_overrides(list(overrides)), return_hydra_config=True)
 
 
 def _number(cfg: DictConfig, key: str) -> float:
@@ -49,7 +49,8 @@ def apply_preference(cfg: DictConfig) -> None:
 
 
 def validate_knobs(cfg: DictConfig) -> None:
-    """Check the top-level knobs (DESIGN.md) before anything is built."""
+    """Check the top-level knobs before anything is built."""
+    check_root_keys(cfg)
     if _number(cfg, "lam") < 0:
         raise ConfigError(f"lam must be >= 0 (regularisation strength λ), got {cfg.lam}")
     if _number(cfg, "k0") < 0:
@@ -67,6 +68,23 @@ def validate_knobs(cfg: DictConfig) -> None:
         raise ConfigError(f"test_ckpt must be one of ['best', 'last'], got {cfg.get('test_ckpt')!r}")
     if not 0 <= _number(cfg, "min_sparsity") <= 100:
         raise ConfigError(f"min_sparsity must be a percentage in [0, 100], got {cfg.min_sparsity}")
+
+
+def root_keys() -> list[str]:
+    """Top-level keys of the config: conf/config.yaml's knobs and its config groups."""
+    primary = OmegaConf.load(Path(CONF_DIR) / "config.yaml")
+    groups = [next(iter(entry)) for entry in primary.defaults if not isinstance(entry, str)]
+    return [key for key in [*primary.keys(), *groups] if key not in ("defaults", "hydra")]
+
+
+def check_root_keys(cfg: DictConfig) -> None:
+    """The root config is strict: a top-level key that nothing reads (e.g. `+lr=0.1`) is an error."""
+    allowed = set(root_keys()) | {"hydra", "sweep"}
+    unknown = [key for key in cfg.keys() if key not in allowed]
+    if unknown:
+        hint = "; the learning rate is optimizer.lr" if "lr" in unknown else ""
+        raise ConfigError(f"unknown top-level key(s) {unknown}: nothing reads them{hint}; "
+                          f"the top-level keys are {sorted(allowed - {'hydra', 'sweep'})}")
 
 
 def check_task_count(cfg: DictConfig, tasks: list[str]) -> None:
@@ -113,8 +131,9 @@ def check_slurm_tasks(cfg: DictConfig, environ: dict[str, str] | None = None) ->
                           f"trainer=ddp trainer.devices={per_node}, or hydra.launcher.tasks_per_node={n_devices}")
     nodes = _slurm_int(env, "SLURM_NNODES")
     if nodes is not None and num_nodes != nodes:
-        raise ConfigError(f"SLURM gave this job {nodes} nodes (hydra.launcher.nodes) but trainer.num_nodes={num_nodes}: "
-                          f"set trainer.num_nodes={nodes}, or hydra.launcher.nodes={num_nodes}")
+        raise ConfigError(f"SLURM gave this job {nodes} nodes (hydra.launcher.nodes) but "
+                          f"trainer.num_nodes={num_nodes}: set trainer.num_nodes={nodes}, "
+                          f"or hydra.launcher.nodes={num_nodes}")
 
 
 def allowed_keys(target: str) -> list[str]:

@@ -2,13 +2,14 @@
 
 Plain numpy functions in the minimisation convention (smaller is better in every
 column); `objectives` negates the columns that are to be maximised. Hypervolume
-comes from the maintained `moocore` library (pymoo as a fallback).
+comes from the maintained `moocore` library.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
+import moocore
 import numpy as np
 
 Direction = Literal["min", "max"]
@@ -107,11 +108,5 @@ def hypervolume(points: np.ndarray, ref: Sequence[float] | np.ndarray) -> float:
 
 
 def _hypervolume_backend(points: np.ndarray, ref: np.ndarray) -> float:
-    """Exact hypervolume by moocore; pymoo when moocore is not installed."""
-    try:
-        import moocore
-    except ImportError:
-        from pymoo.indicators.hv import HV
-
-        return float(HV(ref_point=ref)(points))
+    """Exact hypervolume by moocore."""
     return float(moocore.hypervolume(points, ref=ref))

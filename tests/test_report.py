@@ -27,7 +27,7 @@ def make_job(job_dir: Path, overrides: list[str], metrics: dict | None = None, l
     if metrics is not None:
         (job_dir / "metrics.json").write_text(json.dumps(metrics))
     if log is not None:
-        (job_dir / "__main__.log").write_text(log)
+        (job_dir / "mtlsparse.log").write_text(log)
 
 
 def metrics(left_loss: float, right_loss: float, sparsity: float) -> dict:

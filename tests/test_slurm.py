@@ -20,8 +20,9 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import REPO, TINY, compose_cfg
 from mtlsparse.config import ConfigError, check_slurm_tasks
+
+from conftest import REPO, TINY, compose_cfg
 from slurm_cluster import SlurmCluster, missing_binaries
 
 # what every Slurm test job asks for: one CPU, no GPU, small memory, a short limit
@@ -67,10 +68,20 @@ def slurm_params(*overrides: str) -> dict:
     return {k if k in base else f"slurm_{k}": v for k, v in launcher.params.items() if k not in skip}
 
 
-def test_slurm_preset_makes_a_valid_sbatch_script(tmp_path):
-    submitit = pytest.importorskip("submitit")
+@pytest.fixture
+def slurm_executor(tmp_path, monkeypatch):
+    """submitit's Slurm executor as the launcher builds it, on a machine without Slurm.
 
-    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
+    AutoExecutor refuses `cluster="slurm"` unless `srun` is on the PATH; the sbatch script
+    it writes does not depend on that, so the detection is answered as on a login node.
+    """
+    submitit = pytest.importorskip("submitit")
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+    return submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
+
+
+def test_slurm_preset_makes_a_valid_sbatch_script(slurm_executor):
+    executor = slurm_executor
     executor.update_parameters(**slurm_params("hydra.launcher.partition=gpu", "hydra.launcher.account=proj",
                                               "hydra.launcher.gpus_per_node=2", "hydra.launcher.tasks_per_node=2"))
     script = executor._executor._make_submission_file_text("python -m x", "uid")
@@ -81,10 +92,8 @@ def test_slurm_preset_makes_a_valid_sbatch_script(tmp_path):
     assert "\nsrun --unbuffered" in script
 
 
-def test_slurm_preset_use_srun_false_runs_python_directly(tmp_path):
-    submitit = pytest.importorskip("submitit")
-
-    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
+def test_slurm_preset_use_srun_false_runs_python_directly(slurm_executor):
+    executor = slurm_executor
     executor.update_parameters(**slurm_params("hydra.launcher.use_srun=false", "hydra.launcher.gpus_per_node=null"))
     script = executor._executor._make_submission_file_text("python -m x", "uid")
     assert "\nsrun " not in script and "\npython -m x" in script and "gpus-per-node" not in script
@@ -183,7 +192,7 @@ def test_slurm_two_tasks_per_node_train_one_ddp_run(slurm_cluster, tmp_path, cap
                            "trainer.accelerator=cpu", "trainer.devices=2", "seed=0", env=slurm_cluster.env)
     assert proc.returncode == 0, proc.stderr[-3000:] + slurm_cluster.logs()
     assert (sweep / "0" / "metrics.json").exists()
-    log = (sweep / "0" / "__main__.log").read_text()
+    log = (sweep / "0" / "mtlsparse.log").read_text()
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log
     job = job_ids(sweep)["0"]
     assert slurm_cluster.wait_queue_empty(60)
@@ -199,7 +208,7 @@ def test_slurm_tasks_without_matching_devices_stop_at_job_start(slurm_cluster, t
     start = time.monotonic()
     proc, sweep = multirun(tmp_path, *SLURM_CPU, "hydra.launcher.tasks_per_node=2", "seed=0", env=slurm_cluster.env)
     assert proc.returncode != 0
-    assert "every task would train its own copy" in (sweep / "0" / "__main__.log").read_text()
+    assert "every task would train its own copy" in (sweep / "0" / "mtlsparse.log").read_text()
     assert not (sweep / "0" / "metrics.json").exists()
     report(capsys, f"sbatch job {job_ids(sweep)['0']} (2 tasks, trainer.devices=1) refused "
                    f"in {time.monotonic() - start:.1f}s")
