@@ -150,3 +150,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         write_json(run_dir / "metrics.json", metrics)
         log.info("%s → %s", summary_line(metrics), run_dir / "metrics.json")
     return metrics
+
+
+def objective_values(cfg: DictConfig, metrics: dict[str, Any]) -> float | list[float] | None:
+    """The sweep objective(s) `cfg.objective` names, read from this run's validation metrics."""
+    names = cfg.get("objective", "val/select")
+    names = [names] if isinstance(names, str) else list(names)
+    values = [metrics.get(name) for name in names]
+    values = [None if v is None else float(v) for v in values]
+    return values[0] if len(values) == 1 else values
