@@ -274,3 +274,22 @@ def test_two_phase_training_prunes_and_ties(tiny_cfg, tmp_path, monkeypatch, cou
     for name, norm in method.norms.items():
         zero_rows = method.clusters()[name] < 0
         assert zero_rows.any() and torch.all(norm.weight[zero_rows] == 0)
+
+
+def test_the_default_recipe_runs_both_phases_in_a_two_epoch_budget(tiny_cfg, tmp_path, monkeypatch):
+    """M1 = 3, M2 = 10, p = 3 (39-epoch recipe) squeezed into 2 epochs: phase 1 = epoch 0 at the full cap, then ties."""
+    original, built = train.build_module, []
+
+    def keep_module(*args):
+        built.append(original(*args))
+        return built[-1]
+
+    monkeypatch.setattr(train, "build_module", keep_module)
+    cfg = tiny_cfg("method=growl", "k0=1e-3", "trainer.max_epochs=2", "method.lam=2000", "method.preference=-1",
+                   "test_ckpt=last")
+    assert (cfg.method.phase1_iterations, cfg.method.phase2_iterations, cfg.method.epochs_per_iteration) == (3, 10, 3)
+    metrics = train.run(cfg, tmp_path)
+    method = built[0].method
+    assert method.tied and [method.phase(e) for e in range(2)] == [1, 2]
+    assert method.cap(0) == pytest.approx(method.s_lmax)
+    assert metrics["sparsity/sr"] > 0 and metrics["sparsity/cr"] > 1
