@@ -2,6 +2,7 @@
 min-max DST epochs, regrown weights at zero with fresh optimizer state, targets end to end."""
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -166,3 +167,22 @@ def test_dst_methods_hold_the_target_end_to_end(tiny_cfg, tmp_path, method):
     cfg = tiny_cfg(f"method={method}", "sparsity=0.9", "trainer.max_epochs=2", *TINY_DST[method])
     metrics = run(cfg, tmp_path)
     assert metrics["sparsity/param"] == pytest.approx(90, abs=0.5)
+
+
+def test_a_run_too_short_for_any_rewire_says_so(caplog):
+    method, model = attach(RigL(sparsity=0.8, update_interval=100))
+    with caplog.at_level(logging.WARNING):
+        method.on_fit_start(fake_module(model, total_steps=1000))  # rewires until step 750
+    assert "does no rewire" not in caplog.text
+    method, model = attach(RigL(sparsity=0.8, update_interval=100))
+    with caplog.at_level(logging.WARNING):
+        method.on_fit_start(fake_module(model, total_steps=40))  # rewiring ends at step 30
+    assert "RigL does no rewire" in caplog.text and "method.update_interval=100" in caplog.text
+    caplog.clear()
+    minmax = MinMaxDST(sparsity=0.8, update_every=2)
+    with caplog.at_level(logging.WARNING):
+        minmax.set_budget(30)
+    assert "does no rewire" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        minmax.set_budget(2)  # last rewire epoch 0, first due after epoch 1
+    assert "MinMaxDST does no rewire" in caplog.text and "method.update_every=2" in caplog.text

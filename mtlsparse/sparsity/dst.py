@@ -24,6 +24,7 @@ before `end_step` (default: `end_fraction` of the run's optimizer steps; an expl
 """
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ from mtlsparse.sparsity.snip import task_gradient_magnitudes
 if TYPE_CHECKING:  # pragma: no cover
     import lightning as L
 
+log = logging.getLogger(__name__)
 SEED_STRIDE = 1_000_003  # (seed, step) → one generator seed; prime so nearby seeds don't share streams
 
 
@@ -141,6 +143,11 @@ class ScheduledDST(DynamicSparse):
                               f"({int(total)} steps: trainer.max_epochs / max_steps, limit_train_batches): lower "
                               "method.end_step or drop it (method.end_step=null) to use method.end_fraction, "
                               "a fraction of the run (e.g. method.end_fraction=0.75)")
+        if self.drop_fraction > 0 and (self.rewire_until or 0) <= self.update_interval:
+            log.warning("%s does no rewire in this run: the first is due at step method.update_interval=%d but "
+                        "rewiring ends at step %s of %s; it trains its initial random masks (lower "
+                        "method.update_interval for dynamic sparse training)", type(self).__name__,
+                        self.update_interval, self.rewire_until, total)
 
     def fraction_at(self, step: int) -> float:
         """Drop fraction of a rewire after optimizer step `step` (0 when no rewire is due)."""
@@ -238,6 +245,11 @@ class MinMaxDST(DynamicSparse):
         super().set_budget(max_epochs)
         self.last_rewire_epoch = resolve_point("end_epoch", self.end_epoch, "end_fraction", self.end_fraction,
                                                finite_budget(max_epochs))
+        if self.regrow_fraction > 0 and self.last_rewire_epoch + 1 < self.update_every:
+            log.warning("MinMaxDST does no rewire in this run: the first is due after epoch %d "
+                        "(method.update_every=%d) but rewiring ends after epoch %d; it trains its initial random "
+                        "masks (lower method.update_every for dynamic sparse training)", self.update_every - 1,
+                        self.update_every, self.last_rewire_epoch)
 
     def rewires_after(self, epoch: int) -> bool:
         """Whether the end of `epoch` (0-based) rewires."""
