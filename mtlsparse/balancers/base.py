@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mtlsparse.errors import ConfigError
+
 if TYPE_CHECKING:  # pragma: no cover
     import lightning as L
 
@@ -40,6 +42,22 @@ def preference_weights(tasks: Sequence[str], k: Sequence[float] | None) -> list[
     if any(v < 0 for v in k):
         raise ValueError(f"k must be non-negative, got {k}")
     return k
+
+
+def require_shared_parameters(balancer: str, model: nn.Module) -> None:
+    """Fail at setup, not at the first step, when a gradient-based balancer meets a model that shares nothing.
+
+    `balancer` names it as the user wrote it (e.g. "balancer=mgda"). Models without
+    `shared_parameters()` (plain modules in tests) are not checked.
+    """
+    shared = getattr(model, "shared_parameters", None)
+    if not callable(shared) or any(p.requires_grad for p in shared()):
+        return
+    name = type(model).__name__
+    why = " (model=stl trains one network per task)" if name == "STL" else ""
+    raise ConfigError(f"{balancer} combines per-task gradients of the shared parameters, but this model ({name}) has "
+                      f"none{why}: use balancer=linear (or another loss-weighting balancer: uncertainty, dwa, famo, "
+                      "rlw) with this model")
 
 
 class LossMeter:

@@ -9,6 +9,8 @@ representation mode), Σ_t ∇L_t on every other parameter (heads, attention, fu
 weights), plus k0·∇L0. So Lightning's backward, gradient clipping, the optimizer step and
 the sparsity hooks (prox, mask re-application, RigL's reading of `.grad`) run unchanged.
 Weightings that ignore the gradients (`rlw`, `mean`, `sum`) skip J: Σ_t w_t L_t.
+`mgda` uses the project's exact min-norm solver (torchjd's MGDA is Frank–Wolfe with a loose
+stopping rule).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torchjd.aggregation as tja
 from torch import Tensor, nn
 
 from mtlsparse.balancers.base import BalanceContext, Balancer
+from mtlsparse.balancers.min_norm import gramian, min_norm_weights_of_gram
 
 MODES = ("params", "representation")
 SOLVERS_HINT = 'pip install "mtlsparse[solvers]"'
@@ -39,6 +42,20 @@ class AggregatorSpec:
     extra: str | None = None      # torchjd extra holding its optional solver
 
 
+class MinNormWeighting(tja.Weighting):
+    """MGDA's weights from the Jacobian: the exact min-norm point of the rows' convex hull (float64 Gramian)."""
+
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        return min_norm_weights_of_gram(gramian(matrix)).to(matrix)
+
+
+class ExactMGDA(tja.WeightedAggregator):
+    """MGDA with the exact min-norm solver: d = Σ α_t g_t, every g_t·d ≥ ‖d‖² (no task's loss rises)."""
+
+    def __init__(self) -> None:
+        super().__init__(MinNormWeighting())
+
+
 def _nash_mtl(n_tasks: int, **options: Any) -> tja.Aggregator:
     return tja.NashMTL(n_tasks=n_tasks, **options)
 
@@ -48,7 +65,7 @@ AGGREGATORS: dict[str, AggregatorSpec] = {
     "dualproj": AggregatorSpec(tja.DualProj, preference=True),
     "aligned_mtl": AggregatorSpec(tja.AlignedMTL, {"scale_mode": "min"}, preference=True),
     "config": AggregatorSpec(tja.ConFIG, preference=True),
-    "mgda": AggregatorSpec(tja.MGDA, {"epsilon": 1e-3, "max_iters": 100}),
+    "mgda": AggregatorSpec(ExactMGDA),
     "pcgrad": AggregatorSpec(tja.PCGrad),
     "imtl_g": AggregatorSpec(tja.IMTLG),
     "cagrad": AggregatorSpec(tja.CAGrad, {"c": 0.4}, extra="cagrad"),

@@ -3,7 +3,8 @@
 The min-norm element Σ α_t g_t (α on the simplex) is a common descent direction of all
 task losses (or zero at a Pareto-stationary point). `mode=params` differentiates w.r.t.
 the shared parameters; `mode=representation` (MGDA-UB) w.r.t. the shared representation,
-an upper bound that needs one backward through the heads only.
+an upper bound that needs one backward through the heads only. The min-norm problem is
+solved exactly on the m×m Gramian (`mtlsparse.balancers.min_norm`), for any number of tasks.
 """
 from __future__ import annotations
 
@@ -13,58 +14,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mtlsparse.balancers.base import BalanceContext, Balancer
+from mtlsparse.balancers.base import BalanceContext, Balancer, require_shared_parameters
+from mtlsparse.balancers.min_norm import gramian, min_norm_weights_of_gram
+from mtlsparse.errors import ConfigError
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 MODES = ("params", "representation")
 
 
-def _pair_weight(g11: float, g12: float, g22: float) -> float:
-    """γ ∈ [0, 1] minimising ‖γ v1 + (1 − γ) v2‖², from g11 = ‖v1‖², g12 = v1·v2, g22 = ‖v2‖²."""
-    denom = g11 + g22 - 2 * g12
-    if denom <= 1e-12 * max(g11, g22, 1e-30):  # v1 ≈ v2: every γ gives the same point
-        return 0.5
-    return min(max((g22 - g12) / denom, 0.0), 1.0)
+def gram_min_norm_weights(gram: Tensor) -> Tensor:
+    """Simplex weights α minimising αᵀ G α for a Gram matrix G of m task gradients (exact, float64)."""
+    return min_norm_weights_of_gram(gram)
 
 
-def gram_min_norm_weights(gram: Tensor, max_iter: int = 250, tol: float = 1e-7) -> Tensor:
-    """Simplex weights α minimising αᵀ G α for a Gram matrix G of m task gradients.
-
-    Exact closed form for m = 2; for m > 2, Frank–Wolfe with exact line search started
-    from the best pair (as in Sener & Koltun's solver).
-    """
-    g = gram.detach().double().cpu()
-    m = g.shape[0]
-    if m == 1:
-        return torch.ones(1, dtype=torch.float64)
-    best: tuple[float, int, int, float] | None = None
-    for i in range(m):
-        for j in range(i + 1, m):
-            gamma = _pair_weight(float(g[i, i]), float(g[i, j]), float(g[j, j]))
-            cost = gamma**2 * g[i, i] + 2 * gamma * (1 - gamma) * g[i, j] + (1 - gamma) ** 2 * g[j, j]
-            if best is None or cost < best[0]:
-                best = (float(cost), i, j, gamma)
-    _, i, j, gamma = best
-    alpha = torch.zeros(m, dtype=torch.float64)
-    alpha[i], alpha[j] = gamma, 1 - gamma
-    if m == 2:
-        return alpha
-    for _ in range(max_iter):
-        g_alpha = g @ alpha
-        vertex = int(torch.argmin(g_alpha))
-        gamma = _pair_weight(float(alpha @ g_alpha), float(g_alpha[vertex]), float(g[vertex, vertex]))
-        step = (gamma - 1) * alpha
-        step[vertex] += 1 - gamma
-        alpha = alpha + step
-        if float(step.abs().sum()) < tol:
-            break
-    return alpha
-
-
-def min_norm_weights(grads: Tensor, max_iter: int = 250, tol: float = 1e-7) -> Tensor:
+def min_norm_weights(grads: Tensor) -> Tensor:
     """Simplex weights α of the min-norm point Σ α_t g_t of the rows of `grads` [m, d]."""
-    flat = grads.detach().double().flatten(1)
-    return gram_min_norm_weights(flat @ flat.T, max_iter, tol)
+    return gram_min_norm_weights(gramian(grads))
 
 
 def _distributed() -> bool:
@@ -72,9 +37,9 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def no_representation_error(model_name: str) -> ValueError:
+def no_representation_error(model_name: str) -> ConfigError:
     """The error for MGDA-UB on a model without a shared representation; it names the fix."""
-    return ValueError(f"balancer mgda with mode=representation (MGDA-UB) needs a model with "
+    return ConfigError(f"balancer mgda with mode=representation (MGDA-UB) needs a model with "
                       f"`shared_representation(x)` and `decode(z)`; {model_name} has none. "
                       "Use balancer.mode=params (gradients w.r.t. the shared parameters) instead.")
 
@@ -86,22 +51,24 @@ class MGDA(Balancer):
     `.grad`), normalised as in the authors' code (`none`, `l2`, `loss`, `loss+`; default
     `loss+`, their MultiMNIST setting). `k` is validated but unused: MGDA sets the weights.
     Under DDP the solver sees the whole global batch (gradients averaged, or for MGDA-UB
-    the representation Gram matrices summed), so α is identical on every rank.
+    the representation Gram matrices summed), so α is identical on every rank. The Gramian
+    is formed in float64 outside autocast, so mixed precision does not round it.
     """
 
     def __init__(self, tasks: Sequence[str], k0: float = 0.0, k: Sequence[float] | None = None,
-                 normalization: str = "loss+", mode: str = "params", max_iter: int = 250) -> None:
+                 normalization: str = "loss+", mode: str = "params") -> None:
         super().__init__(tasks, k0, k)
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.normalization, self.mode, self.max_iter = normalization, mode, int(max_iter)
+        self.normalization, self.mode = normalization, mode
         self.needs_representation = mode == "representation"
         self.register_buffer("alpha", torch.full((len(self.tasks),), 1.0 / len(self.tasks)), persistent=False)
 
     def setup(self, model: nn.Module) -> None:
-        """Fail before training when MGDA-UB is asked of a model without a shared representation."""
+        """Fail before training when the model shares no parameters, or MGDA-UB lacks a shared representation."""
+        require_shared_parameters("balancer=mgda", model)
         if self.needs_representation and not (callable(getattr(model, "shared_representation", None))
                                               and callable(getattr(model, "decode", None))):
             raise no_representation_error(type(model).__name__)
@@ -114,9 +81,9 @@ class MGDA(Balancer):
             wrt = [ctx.representation]
         else:
             wrt = [p for p in ctx.shared_params if p.requires_grad]
-            if not wrt:
-                raise ValueError("balancer mgda needs shared parameters, but the model has none (e.g. model=stl); "
-                                 "use another balancer such as balancer=linear")
+            if not wrt:  # setup(model) catches this for models that declare their shared parameters
+                raise ConfigError("balancer=mgda combines per-task gradients of the shared parameters, but the model "
+                                  "has none: use balancer=linear (or another loss-weighting balancer)")
         rows = []
         for task in self.tasks:
             grads = torch.autograd.grad(losses[task], wrt, retain_graph=True, allow_unused=True)
@@ -125,7 +92,7 @@ class MGDA(Balancer):
         if _distributed() and not self.needs_representation:
             dist.all_reduce(grads)
             grads /= dist.get_world_size()
-        gram = grads @ grads.T
+        gram = gramian(grads)
         if _distributed() and self.needs_representation:
             dist.all_reduce(gram)
         return gram
@@ -148,9 +115,9 @@ class MGDA(Balancer):
                 dist.all_reduce(loss_values)
                 loss_values /= dist.get_world_size()
             scale = self._normalizers(gram, loss_values).clamp_min(torch.finfo(torch.float64).tiny)
-            alpha = gram_min_norm_weights(gram / torch.outer(scale, scale), self.max_iter)
+            alpha = gram_min_norm_weights(gram / torch.outer(scale, scale)).to(stacked)  # not via the fp32 buffer
             self.alpha.copy_(alpha)
-        return self.add_penalty((self.alpha * stacked).sum(), penalty)
+        return self.add_penalty((alpha * stacked).sum(), penalty)
 
     def state_summary(self) -> dict[str, float]:
         return {f"w/{t}": float(a) for t, a in zip(self.tasks, self.alpha)}
