@@ -9,8 +9,9 @@ representation mode), Σ_t ∇L_t on every other parameter (heads, attention, fu
 weights), plus k0·∇L0. So Lightning's backward, gradient clipping, the optimizer step and
 the sparsity hooks (prox, mask re-application, RigL's reading of `.grad`) run unchanged.
 Weightings that ignore the gradients (`rlw`, `mean`, `sum`) skip J: Σ_t w_t L_t.
-`mgda` uses the project's exact min-norm solver (torchjd's MGDA is Frank–Wolfe with a loose
-stopping rule).
+Aggregators run in float32 (float64 for a float64 Jacobian) outside autocast, whatever the
+training precision; d is cast back to the gradients' dtype. `mgda` uses the project's exact
+min-norm solver (torchjd's MGDA is Frank–Wolfe with a loose stopping rule).
 """
 from __future__ import annotations
 
@@ -241,25 +242,36 @@ class JD(Balancer):
 
     @torch.no_grad()
     def _aggregate(self, jacobian: Tensor) -> Tensor:
-        """Direction d from the Jacobian (rows = tasks); records the task weights when the rule has them."""
+        """Direction d from the Jacobian (rows = tasks); records the task weights when the rule has them.
+
+        torchjd's solvers and its float32 preference vector need float32 or float64 (bf16/fp16
+        gradients come from representation mode under mixed precision), so J is promoted and
+        autocast is off here; d comes back in J's dtype.
+        """
         global_rows = _distributed() and not self.needs_representation
         if global_rows:
             dist.all_reduce(jacobian)
             jacobian /= dist.get_world_size()
-        if self.spec.preference and self.aggregator.pref_vector.device != jacobian.device:
-            self.aggregator.pref_vector = self.k.to(jacobian)
-        if isinstance(self.aggregator, tja.WeightedAggregator):
-            weights = self.aggregator.weighting(jacobian).to(jacobian)
-            self.weights.copy_(weights)
-            direction = weights @ jacobian
-        else:
-            direction = self.aggregator(jacobian)
+        work = jacobian.to(torch.float64 if jacobian.dtype == torch.float64 else torch.float32)
+        with torch.autocast(work.device.type, enabled=False):
+            direction = self._aggregate_in(work).to(jacobian.dtype)
         if global_rows:
             dist.broadcast(direction, src=0)
         if not torch.isfinite(direction).all():
             raise FloatingPointError(f"balancer {self.name} produced a non-finite update direction from task "
                                      f"gradients of norms {jacobian.norm(dim=1).tolist()}")
         return direction
+
+    def _aggregate_in(self, jacobian: Tensor) -> Tensor:
+        """The aggregator applied to a float32/float64 Jacobian, its preference vector in the same dtype."""
+        pref = self.aggregator.pref_vector if self.spec.preference else None
+        if pref is not None and (pref.device, pref.dtype) != (jacobian.device, jacobian.dtype):
+            self.aggregator.pref_vector = self.k.to(jacobian)
+        if isinstance(self.aggregator, tja.WeightedAggregator):
+            weights = self.aggregator.weighting(jacobian).to(jacobian)
+            self.weights.copy_(weights)
+            return weights @ jacobian
+        return self.aggregator(jacobian)
 
     def get_extra_state(self) -> dict[str, Any]:
         """Checkpointed state of stateful aggregators (tensors and ints only, so weights_only loading works).
