@@ -59,3 +59,28 @@ def test_uncertainty_parameters_are_in_the_module_optimizer():
     module = MultiTaskModule(model, bal, Dense(), optimizer=lambda p: torch.optim.Adam(p, lr=0.1))
     opt = module.configure_optimizers()
     assert any(p is bal.log_vars for g in opt.param_groups for p in g["params"])
+
+
+GRADIENT_BALANCERS = ["mgda", "gradnorm", "pcgrad", "upgrad", "cagrad", "imtl_g"]
+
+
+@pytest.mark.parametrize("balancer", GRADIENT_BALANCERS)
+@pytest.mark.parametrize("mode", ["params", "representation"])
+def test_gradient_balancers_on_a_model_without_shared_parameters_fail_at_setup(tiny_cfg, tmp_path, balancer, mode):
+    """model=stl shares nothing: one line naming the balancer, the model and the fix, before any step runs."""
+    from mtlsparse.errors import ConfigError
+    from mtlsparse.train import run
+
+    with pytest.raises(ConfigError) as caught:
+        run(tiny_cfg("model=stl", f"balancer={balancer}", f"balancer.mode={mode}"), tmp_path)
+    message = str(caught.value)
+    assert type(caught.value) is ConfigError and "\n" not in message  # the CLI prints exactly this, exit code 2
+    assert f"balancer={balancer}" in message and "(STL) has none" in message and "use balancer=linear" in message
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained
+
+
+@pytest.mark.parametrize("balancer", ["linear", "uncertainty", "dwa", "famo", "rlw"])
+def test_loss_weighting_balancers_still_train_model_stl(tiny_cfg, tmp_path, balancer):
+    from mtlsparse.train import run
+
+    assert 0 <= run(tiny_cfg("model=stl", f"balancer={balancer}"), tmp_path)["test/mean_acc"] <= 1

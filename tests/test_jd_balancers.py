@@ -14,7 +14,6 @@ import pytest
 import torch
 import torchjd.aggregation as tja
 import yaml
-from conftest import TINY, compose_cfg
 from torch import nn
 
 from mtlsparse.balancers import FAMO, JD, BalanceContext, GradNorm
@@ -25,6 +24,8 @@ from mtlsparse.sparsity.layers import group_norms, prunable_layers
 from mtlsparse.sparsity.masks import mask_of
 from mtlsparse.tasks import Task
 from mtlsparse.train import build_module, run
+
+from conftest import TINY, compose_cfg
 
 TASKS = {"a": Task("a", num_classes=3), "b": Task("b", num_classes=4)}
 ALIASES = ["upgrad", "pcgrad", "cagrad", "nashmtl", "imtl_g", "aligned_mtl", "graddrop", "dualproj", "gradvac", "rlw"]
@@ -300,7 +301,7 @@ def test_representation_mode_needs_a_shared_representation(balancer):
 
 
 def test_gradient_manipulation_needs_shared_parameters():
-    with pytest.raises(ValueError, match="needs shared parameters, but STL has none"):
+    with pytest.raises(ConfigError, match=r"balancer=pcgrad \(balancer=jd\) .* \(STL\) has none.*balancer=linear"):
         JD(["a", "b"], aggregator="pcgrad").setup(STL(TASKS, (1, 16, 16)))
 
 

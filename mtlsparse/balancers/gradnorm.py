@@ -18,16 +18,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mtlsparse.balancers.base import BalanceContext, Balancer
+from mtlsparse.balancers.base import BalanceContext, Balancer, require_shared_parameters
 from mtlsparse.balancers.jd import MODES, has_representation, no_representation_error
+from mtlsparse.errors import ConfigError
 
 
 def last_shared_weight(shared_params: Sequence[nn.Parameter]) -> nn.Parameter:
     """The last trainable shared parameter with ≥ 2 dims: the last shared layer's weight matrix/kernel."""
     weights = [p for p in shared_params if p.requires_grad and p.dim() >= 2]
     if not weights:
-        raise ValueError("balancer gradnorm needs a shared layer, but the model has no shared weights (e.g. model=stl); "
-                         "use a loss-weighting balancer such as balancer=linear")
+        raise ConfigError("balancer=gradnorm needs a shared layer, but the model has no shared weights (e.g. "
+                          "model=stl): use a loss-weighting balancer such as balancer=linear")
     return weights[-1]
 
 
@@ -60,6 +61,8 @@ class GradNorm(Balancer):
         self.register_buffer("grad_norms", torch.zeros(m), persistent=False)  # G_t of the last step, for logging
 
     def setup(self, model: nn.Module) -> None:
+        """Fail before training when the model shares no parameters, or representation mode has no representation."""
+        require_shared_parameters("balancer=gradnorm", model)
         if self.needs_representation and not has_representation(model):
             raise no_representation_error("gradnorm", type(model).__name__)
 

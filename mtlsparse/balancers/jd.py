@@ -25,8 +25,9 @@ import torch.distributed as dist
 import torchjd.aggregation as tja
 from torch import Tensor, nn
 
-from mtlsparse.balancers.base import BalanceContext, Balancer
+from mtlsparse.balancers.base import BalanceContext, Balancer, require_shared_parameters
 from mtlsparse.balancers.min_norm import gramian, min_norm_weights_of_gram
+from mtlsparse.errors import ConfigError
 
 MODES = ("params", "representation")
 SOLVERS_HINT = 'pip install "mtlsparse[solvers]"'
@@ -123,9 +124,9 @@ def has_representation(model: nn.Module) -> bool:
     return callable(getattr(model, "shared_representation", None)) and callable(getattr(model, "decode", None))
 
 
-def no_representation_error(balancer: str, model_name: str) -> ValueError:
+def no_representation_error(balancer: str, model_name: str) -> ConfigError:
     """The error for representation mode on a model without a shared representation; it names the fix."""
-    return ValueError(f"balancer {balancer} with mode=representation needs a model with `shared_representation(x)` "
+    return ConfigError(f"balancer {balancer} with mode=representation needs a model with `shared_representation(x)` "
                       f"and `decode(z)`; {model_name} has none. Use balancer.mode=params instead.")
 
 
@@ -186,12 +187,9 @@ class JD(Balancer):
         self._params = list(model.parameters())
         if self.spec.gradient_free:
             return
+        require_shared_parameters(f"balancer={self.aggregator_name} (balancer=jd)", model)
         if self.needs_representation and not has_representation(model):
             raise no_representation_error(self.name, type(model).__name__)
-        shared = getattr(model, "shared_parameters", None)
-        if shared is not None and not any(p.requires_grad for p in shared()):
-            raise ValueError(f"balancer {self.name} needs shared parameters, but {type(model).__name__} has none "
-                             "(e.g. model=stl); use a loss-weighting balancer such as balancer=linear")
 
     def forward(self, losses: dict[str, Tensor], penalty: Tensor | None, ctx: BalanceContext) -> Tensor:
         stacked = self.stack(losses)
@@ -213,9 +211,9 @@ class JD(Balancer):
                 raise no_representation_error(self.name, "the model")
             rows_of = [ctx.representation]
         else:
-            if not shared_params:
-                raise ValueError(f"balancer {self.name} needs shared parameters, but the model has none; "
-                                 "use a loss-weighting balancer such as balancer=linear")
+            if not shared_params:  # setup(model) catches this for models that declare their shared parameters
+                raise ConfigError(f"balancer {self.name} combines per-task gradients of the shared parameters, but "
+                                  "the model has none: use balancer=linear (or another loss-weighting balancer)")
             rows_of = shared_params
         shared_ids = {id(p) for p in ctx.shared_params}
         others = [p for p in self._params if p.requires_grad and id(p) not in shared_ids]
