@@ -14,7 +14,9 @@ import logging
 import os
 import re
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -22,14 +24,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mtlsparse.conf_dir import CONF_DIR, normalise_overrides
-from mtlsparse.errors import EXIT_CODES
+from mtlsparse.errors import EXIT_CODES, ConfigError, exit_code
+from mtlsparse.run_dir import file_log_handlers
 
 #: subcommand → (module with `main(argv) -> int`, its argument, one-line description for --help)
 SUBCOMMANDS = {
     "report": ("mtlsparse.report", "DIR", "tables, Pareto front, hypervolume and plots of run/sweep dirs"),
     "export": ("mtlsparse.export", "RUN_DIR", "compact a trained channel-sparse model, measure its speed-up"),
 }
-CONFIG_ERROR_EXIT = EXIT_CODES["ConfigError"]
+CONFIG_ERROR_EXIT = EXIT_CODES[ConfigError]
 
 log = logging.getLogger("mtlsparse")
 _task_started = False  # set once Hydra has composed the config and called the task
@@ -52,14 +55,22 @@ def train(cfg: DictConfig) -> float | list[float] | None:
         check_slurm_tasks(cfg)  # under hydra/launcher=slurm: one task per Lightning device
         metrics = run(cfg, hydra_cfg.runtime.output_dir)
     except Exception as err:
-        expected = type(err).__name__ in EXIT_CODES
-        if expected and "HYDRA_FULL_ERROR" not in os.environ:
-            log.error("%s: %s", type(err).__name__, err)
-        else:  # the job log gets the reason, so `mtlsparse report` can list the failed job with it
-            log.error("%s: %s", type(err).__name__, err, exc_info=True)
+        code = exit_code(err)
+        brief = code is not None and os.environ.get("HYDRA_FULL_ERROR") != "1"
         if hydra_cfg.mode == RunMode.MULTIRUN:
+            # the job log (and the sweep's console) get the reason, so `mtlsparse report` lists the failed job
+            log.error("%s: %s", type(err).__name__, err, exc_info=not brief)
             raise  # the other jobs of the sweep still run; Hydra exits non-zero at the end
-        sys.exit(EXIT_CODES.get(type(err).__name__, 1))
+        # the job log gets the record (a finished run's log was detached: it stays untouched); the terminal one line
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s: %s", (type(err).__name__, err),
+                                None if brief else sys.exc_info())
+        for _, handler in file_log_handlers(Path(hydra_cfg.runtime.output_dir)):
+            handler.handle(record)
+        if brief:
+            print(f"mtlsparse: error: {err}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        sys.exit(code or 1)
     return objective_values(cfg, metrics)
 
 
@@ -130,7 +141,6 @@ def preflight(args: list[str]) -> str | None:
     except (HydraException, OmegaConfBaseException) as err:
         return explain(err)
     from mtlsparse.config import check_root_keys
-    from mtlsparse.errors import ConfigError
 
     try:
         check_root_keys(cfg)
@@ -163,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         module = importlib.import_module(SUBCOMMANDS[args[0]][0])
         sys.exit(module.main(args[1:]))
     args = normalise_overrides(args)
-    problem = None if "HYDRA_FULL_ERROR" in os.environ else preflight(args)
+    problem = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else preflight(args)
     if problem:
         print(f"mtlsparse: error: {problem}", file=sys.stderr)
         sys.exit(CONFIG_ERROR_EXIT)

@@ -7,6 +7,7 @@ out-of-range value) into one-line `ConfigError`s instead of a traceback wall.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import os
 import re
@@ -22,6 +23,7 @@ from mtlsparse.conf_dir import CONF_DIR, normalise_overrides
 from mtlsparse.errors import ConfigError
 
 __all__ = ["CONF_DIR", "ConfigError", "build", "compose_config"]
+log = logging.getLogger("mtlsparse")
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -68,6 +70,71 @@ def validate_knobs(cfg: DictConfig) -> None:
         raise ConfigError(f"test_ckpt must be one of ['best', 'last'], got {cfg.get('test_ckpt')!r}")
     if not 0 <= _number(cfg, "min_sparsity") <= 100:
         raise ConfigError(f"min_sparsity must be a percentage in [0, 100], got {cfg.min_sparsity}")
+    check_budget(cfg)
+    check_trainer_extras(cfg)
+    objective = cfg.get("objective", "val/select")
+    names = [objective] if isinstance(objective, str) else objective
+    if not isinstance(names, (list, ListConfig)) or not names or any(
+            not isinstance(n, str) or not n.startswith("val/") for n in names):
+        raise ConfigError(f"objective must name validation metrics (val/...), one or a list, e.g. objective=val/select "
+                          f"or objective=[val/left/loss,val/right/loss]; got {_plain(objective)!r}")
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+
+
+def check_budget(cfg: DictConfig) -> None:
+    """trainer.max_epochs is a whole number of epochs >= 1: the schedules and the tested model need one."""
+    epochs = cfg.trainer.get("max_epochs")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"trainer.max_epochs must be an integer >= 1 (the run's epoch budget), got {epochs!r}")
+
+
+#: Trainer arguments the run code sets itself, and where the user's wishes go instead
+RUN_OWNED_TRAINER_KEYS = {
+    "default_root_dir": "the run dir is hydra.run.dir (hydra.sweep.dir for sweeps)",
+    "enable_checkpointing": "checkpoints are always kept (resume and test_ckpt read them)",
+}
+
+
+def check_trainer_extras(cfg: DictConfig) -> None:
+    """`trainer.logger` / `trainer.callbacks` are added to the built-in ones, so they must be _target_ nodes."""
+    for key, what in (("logger", "logger"), ("callbacks", "callback")):
+        value = cfg.trainer.get(key)
+        if value is None:
+            continue
+        nodes = list(value) if isinstance(value, (list, ListConfig)) else [value]
+        if not all(isinstance(n, DictConfig) and "_target_" in n for n in nodes):
+            raise ConfigError(
+                f"trainer.{key}={_plain(value)!r} is not "
+                f"usable: give a {what} as a _target_ node (or a list of them), e.g. +trainer.{key}="
+                + ("'{_target_:lightning.pytorch.loggers.TensorBoardLogger,save_dir:tb}'" if key == "logger" else
+                   "'[{_target_:lightning.pytorch.callbacks.LearningRateMonitor}]'")
+                + (". The CSV logger is always on (mtlsparse report reads it)" if key == "logger" else
+                   ". Checkpointing and the rank check are always on"))
+    for key, where in RUN_OWNED_TRAINER_KEYS.items():
+        if cfg.trainer.get(key) is not None:
+            raise ConfigError(f"trainer.{key} is set by mtlsparse itself: {where}; drop trainer.{key}")
+
+
+#: top-level knobs that only act through a group node interpolating them (e.g. `lam: ${lam}`)
+INTERPOLATED_KNOBS = {"lam": 0.0, "sparsity": 0.0}
+
+
+def warn_unused_knobs(cfg: DictConfig) -> list[str]:
+    """Warn once, by name, for each top-level knob that is set but read by no chosen group option."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    groups = {k: v for k, v in raw.items() if isinstance(v, dict) and k != "hydra"}
+    text = repr(groups)
+    unused = [knob for knob, default in INTERPOLATED_KNOBS.items()
+              if cfg.get(knob) != default and "${" + knob + "}" not in text]
+    choices = OmegaConf.select(cfg, "hydra.runtime.choices", default=None) or {}
+    for knob in unused:
+        method = choices.get("method", "?") if choices else "?"
+        log.warning("%s=%s has no effect: method=%s does not read it (its keys: %s)", knob, cfg.get(knob), method,
+                    ", ".join(sorted(k for k in (groups.get("method") or {}) if k != "_target_")) or "none")
+    return unused
 
 
 def root_keys() -> list[str]:
@@ -142,6 +209,33 @@ def allowed_keys(target: str) -> list[str]:
     return [p for p in params if p not in ("self", "args", "kwargs")]
 
 
+def _kind(default: Any) -> tuple[type, ...] | None:
+    """The value types a constructor default admits (None: no check)."""
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, (int, float)):
+        return (int, float)
+    return None
+
+
+def check_value_types(node: DictConfig, group: str, target: str) -> None:
+    """A value whose type differs from its constructor default's (e.g. optimizer.lr=abc) names its key."""
+    try:
+        params = inspect.signature(get_object(target)).parameters
+    except (ImportError, ValueError, TypeError, AttributeError):
+        return  # instantiate reports an unknown _target_ itself
+    for key, param in params.items():
+        if key not in node or param.default is inspect.Parameter.empty:
+            continue
+        kinds = _kind(param.default)
+        value = OmegaConf.select(node, key, throw_on_missing=False)
+        if kinds is None or value is None:
+            continue
+        if isinstance(value, bool) and kinds != (bool,) or not isinstance(value, kinds):
+            wanted = "true or false" if kinds == (bool,) else "a number"
+            raise ConfigError(f"{group}.{key} must be {wanted} (like its default {param.default!r}), got {value!r}")
+
+
 def build(cfg: DictConfig, group: str, **runtime: Any) -> Any:
     """Instantiate `cfg[group]`, then call it with runtime objects (tasks, callbacks, ...).
 
@@ -151,6 +245,7 @@ def build(cfg: DictConfig, group: str, **runtime: Any) -> Any:
     """
     node = cfg[group]
     target = OmegaConf.select(node, "_target_", default="?")
+    check_value_types(node, group, target)
     try:
         factory = instantiate(node, _partial_=True)
         return factory(**runtime) if not node.get("_partial_", False) else factory
@@ -158,6 +253,10 @@ def build(cfg: DictConfig, group: str, **runtime: Any) -> Any:
         cause = err.__cause__ or err
     except (TypeError, ValueError) as err:
         if isinstance(err, TypeError) and "unexpected keyword argument" not in str(err):
+            raise
+        cause = err
+    except Exception as err:
+        if type(err).__name__ != "MisconfigurationException":  # Lightning's word for a bad Trainer argument
             raise
         cause = err
     if isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause):

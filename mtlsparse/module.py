@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlsparse.balancers.base import BalanceContext, Balancer
+from mtlsparse.errors import NonFiniteLossError
 from mtlsparse.metrics.dense import check_reference, delta_m
 from mtlsparse.metrics.sparsity import group_sparsity, param_sparsity
 from mtlsparse.models.base import MultiTaskModel
@@ -25,10 +26,6 @@ from mtlsparse.sparsity.base import SparsityMethod
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 EVAL_SPLITS = ("val", "test")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Raised when the training loss becomes NaN/inf; says where and with which state."""
 
 
 class MultiTaskModule(L.LightningModule):

@@ -7,17 +7,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from mtlsparse.config import apply_preference, build, check_task_count, validate_knobs
+from mtlsparse.config import apply_preference, build, check_task_count, validate_knobs, warn_unused_knobs
+from mtlsparse.errors import ConfigError, DataError, MissingDataError
 from mtlsparse.export import export_after_training
 from mtlsparse.io import environment, write_json
 from mtlsparse.metrics.sparsity import matrix_weights, param_counts, row_metrics
@@ -25,6 +31,7 @@ from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.module import MultiTaskModule
 from mtlsparse.rank_check import RankConsistencyCheck
 from mtlsparse.resume import plan_run, record_job
+from mtlsparse.run_dir import RunDir, detach_file_logs
 from mtlsparse.sparsity.layer_report import write_layer_report
 from mtlsparse.sparsity.mask_analysis import write_mask_report
 
@@ -62,10 +69,31 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> MultiTas
     model = build_model(cfg, datamodule)
     balancer = build(cfg, "balancer", tasks=tasks)
     method = build(cfg, "method")
+    method.set_budget(cfg.trainer.max_epochs)  # fractions of the run → epochs; unreachable epochs fail here
     optimizer = build(cfg, "optimizer")
     scheduler = build(cfg, "scheduler") if cfg.get("scheduler") else None
-    return MultiTaskModule(model, balancer, method, optimizer, scheduler, min_sparsity=cfg.min_sparsity,
-                           reference=getattr(datamodule, "reference", None))
+    probe_optimizer(cfg, optimizer, scheduler)
+    module = MultiTaskModule(model, balancer, method, optimizer, scheduler, min_sparsity=cfg.min_sparsity,
+                             reference=getattr(datamodule, "reference", None))
+    if cfg.k0 != 0 and method.penalty() is None:
+        log.warning("k0=%s has no effect: method=%s has no sparsity objective for the balancer to weigh "
+                    "(group_lasso, l1 and growl have one)", cfg.k0, group_choices(cfg)["method"])
+    return module
+
+
+def probe_optimizer(cfg: DictConfig, optimizer: Callable, scheduler: Callable | None) -> None:
+    """Make the optimizer (and scheduler) once on a dummy parameter: torch checks lr, betas, ...
+
+    only when one is made, which would otherwise be at the first training step, after the data.
+    """
+    group = "optimizer"
+    try:
+        made = optimizer([torch.nn.Parameter(torch.zeros(1))])
+        group = "scheduler"
+        if scheduler is not None:
+            scheduler(made)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"bad value in '{group}' ({cfg[group].get('_target_')}): {err}") from err
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, log_version: str = "") -> tuple[L.Trainer, ModelCheckpoint]:
@@ -74,16 +102,30 @@ def build_trainer(cfg: DictConfig, run_dir: Path, log_version: str = "") -> tupl
     CSV logs go to `logs/metrics.csv`; a resumed run logs to `logs/<log_version>/` so the
     interrupted attempt's log is kept.
     """
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor="val/select", mode="max",
+    checkpoints = RunDir(run_dir).checkpoint_dir
+    checkpoint = ModelCheckpoint(dirpath=checkpoints, monitor="val/select", mode="max",
                                  save_top_k=1, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False)
     # every epoch end, whatever the score (save_last only fires together with a top-k save): what resume reads
-    latest = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=1, filename="last", enable_version_counter=False)
+    latest = ModelCheckpoint(dirpath=checkpoints, save_top_k=1, filename="last", enable_version_counter=False)
     callbacks: list[L.Callback] = [checkpoint, latest, RankConsistencyCheck()]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar(leave=False))
-    trainer = build(cfg, "trainer", callbacks=callbacks, default_root_dir=str(run_dir),
-                    logger=CSVLogger(str(run_dir), name="logs", version=log_version))
+    loggers: list = [CSVLogger(str(run_dir), name="logs", version=log_version)]  # always: report reads it
+    extra = {key: [instantiate(node) for node in _as_list(cfg.trainer.get(key))] for key in ("callbacks", "logger")}
+    trainer_cfg = OmegaConf.masked_copy(cfg, ["trainer"])
+    with open_dict(trainer_cfg):
+        trainer_cfg.trainer.pop("callbacks", None)
+        trainer_cfg.trainer.pop("logger", None)
+    trainer = build(trainer_cfg, "trainer", callbacks=callbacks + extra["callbacks"], default_root_dir=str(run_dir),
+                    logger=loggers + extra["logger"])
     return trainer, checkpoint
+
+
+def _as_list(value: Any) -> list:
+    """A config node or list of nodes (the user's trainer.callbacks / trainer.logger) as a list."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, ListConfig)) else [value]
 
 
 def final_metrics(cfg: DictConfig, module: MultiTaskModule, test_results: dict[str, float],
@@ -112,44 +154,81 @@ def summary_line(metrics: dict[str, Any]) -> str:
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Train and test one configuration; write `<run_dir>/metrics.json` and return the metrics."""
+    """Train and test one configuration; write `<run_dir>/metrics.json` and return the metrics.
+
+    What to do with the run dir (skip / resume / refuse / start) is decided before anything
+    is written into it; until training really starts, a dir that holds results gets no log
+    line either, so a refused or skipped re-run leaves it byte for byte as it was.
+    """
     run_dir = Path(run_dir)
+    layout = RunDir(run_dir)
     route_lightning_logs_through_hydra()
-    apply_preference(cfg)
-    validate_knobs(cfg)
-    plan = plan_run(cfg, run_dir)
+    rank_zero = rank_zero_only.rank == 0
+    try:
+        apply_preference(cfg)
+        plan = plan_run(cfg, run_dir)
+    except Exception:
+        if layout.holds_results():
+            detach_file_logs(run_dir)
+        raise
     if plan.action == "skip":
+        detach_file_logs(run_dir)
         log.info("%s already holds a finished run of this config: skipped (%s)", run_dir, summary_line(plan.metrics))
         return plan.metrics
+    if rank_zero and plan.action == "fresh":
+        archived = layout.archive_attempt()
+        if archived is not None:
+            log.info("%s: an earlier attempt died before its first checkpoint; its files are in %s",
+                     run_dir, archived)
+    if rank_zero:
+        layout.write_config_record(cfg, HydraConfig.get() if HydraConfig.initialized() else None)
+    validate_knobs(cfg)
+    warn_unused_knobs(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build(cfg, "dataset")
     module = build_module(cfg, datamodule)
     log_version = "" if plan.ckpt is None else f"resumed-{len(list(run_dir.glob('logs/resumed-*'))) + 1}"
     trainer, checkpoint = build_trainer(cfg, run_dir, log_version)
     if trainer.is_global_zero:
-        write_json(run_dir / "environment.json", environment())
+        write_json(layout.environment_file, environment())
         record_job(cfg, run_dir)
     if plan.ckpt is not None:
         log.info("resuming from %s", plan.ckpt)
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.ckpt) if plan.ckpt else None)
+    with user_errors():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.ckpt) if plan.ckpt else None)
     train_s = time.perf_counter() - start
     ckpt = checkpoint.best_model_path if cfg.test_ckpt == "best" and checkpoint.best_model_path else None
     if ckpt:  # load here (not via trainer.test) so the sparsity metrics read the tested weights
         module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    # the tested weights' validation metrics: what sweeps optimise (never the test set)
+    val_results = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     test_results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
 
-    metrics = final_metrics(cfg, module, test_results, train_s)
+    metrics = final_metrics(cfg, module, {**val_results, **test_results}, train_s)
     metrics["checkpoint/tested"] = Path(ckpt).name if ckpt else "last"
     if trainer.is_global_zero:
         write_mask_report(module.method, run_dir)  # per-layer IoU of task masks, for methods that keep them
         write_layer_report(module.method, run_dir)  # per-layer group/param sparsity, for structured methods
         metrics.update(export_after_training(cfg, module.model, module.method.structured,
                                              datamodule.input_shape, run_dir))  # compact model + latency
-        write_json(run_dir / "metrics.json", metrics)
-        log.info("%s → %s", summary_line(metrics), run_dir / "metrics.json")
+        write_json(layout.metrics_file, metrics)
+        log.info("%s → %s", summary_line(metrics), layout.metrics_file)
     return metrics
+
+
+@contextmanager
+def user_errors():
+    """Lightning's and the data's own complaints during fit, as one-line ConfigError / DataError."""
+    try:
+        yield
+    except MisconfigurationException as err:
+        raise ConfigError(f"trainer: {err}") from err
+    except DataError:
+        raise
+    except FileNotFoundError as err:  # a data module's own missing-file error
+        raise MissingDataError(str(err)) from err
 
 
 def objective_values(cfg: DictConfig, metrics: dict[str, Any]) -> float | list[float] | None:

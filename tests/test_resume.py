@@ -3,6 +3,8 @@ re-running finished work skips it; a run dir never mixes configs."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ import torch
 from mtlsparse.config import ConfigError
 from mtlsparse.module import MultiTaskModule
 from mtlsparse.train import run
+
+from conftest import REPO, TINY
 
 RESUMABLE = [
     "trainer.max_epochs=4",
@@ -192,3 +196,60 @@ def test_sigkilled_growl_chebyshev_run_resumes_to_identical_metrics(tmp_path):
     assert a == b
     print(f"\nkill -9 during epoch 2; resumed metrics identical: test/mean_acc={b['test/mean_acc']:.4f} "
           f"sparsity/sr={b['sparsity/sr']:.2f} cr={b['sparsity/cr']:.3f} ps={b['sparsity/ps']:.3f}")
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` with its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _cli_env(tmp_path: Path) -> dict[str, str]:
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MTLSPARSE_DATA": str(tmp_path / "data")}
+
+
+def test_refused_rerun_leaves_the_finished_run_byte_identical_and_lists_the_keys(tmp_path):
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    base = [sys.executable, "-m", "mtlsparse", *TINY, "method=group_lasso", f"hydra.run.dir={run_dir}"]
+    first = subprocess.run([*base, "lam=1e-2"], cwd=tmp_path, env=_cli_env(tmp_path), capture_output=True, text=True,
+                           timeout=280)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "mtlsparse.log").is_file()
+    before = _snapshot(run_dir)
+    for changed in (["lam=2e-2"], ["lam=1e-2", "model.hidden=64"], ["lam=1e-2", "resume=false"], ["lam=-1"]):
+        again = subprocess.run([*base, *changed], cwd=tmp_path, env=_cli_env(tmp_path), capture_output=True,
+                               text=True, timeout=280)
+        assert again.returncode == 2, (changed, again.stderr[-2000:])
+        assert _snapshot(run_dir) == before, changed
+    differ = subprocess.run([*base, "lam=2e-2"], cwd=tmp_path, env=_cli_env(tmp_path), capture_output=True, text=True,
+                            timeout=280)
+    assert "lam: 0.01 → 0.02" in differ.stderr and "method.lam: 0.01 → 0.02" in differ.stderr
+    skipped = subprocess.run([*base, "lam=1e-2"], cwd=tmp_path, env=_cli_env(tmp_path), capture_output=True, text=True,
+                             timeout=280)
+    assert skipped.returncode == 0 and "skipped" in skipped.stderr + skipped.stdout
+    assert _snapshot(run_dir) == before
+
+
+def test_a_dir_without_checkpoint_or_metrics_is_free_and_keeps_the_dead_attempt(tiny_cfg, tmp_path, monkeypatch):
+    def die(*args, **kwargs):
+        raise RuntimeError("killed before the first epoch ended")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MultiTaskModule, "training_step", die)
+        with pytest.raises(RuntimeError, match="killed"):
+            run(tiny_cfg("method=group_lasso", "lam=1e-2"), tmp_path)
+    assert (tmp_path / "job.json").is_file() and not list(tmp_path.glob("checkpoints/*.ckpt"))
+    dead_job = (tmp_path / "job.json").read_bytes()
+    metrics = run(tiny_cfg("method=group_lasso", "lam=2e-2"), tmp_path)  # another config: allowed
+    assert metrics["config/lam"] == 2e-2
+    assert (tmp_path / "attempts" / "1" / "job.json").read_bytes() == dead_job
+
+
+def test_a_zero_epoch_budget_is_refused(tiny_cfg, tmp_path):
+    for epochs in ("0", "-1"):
+        with pytest.raises(ConfigError, match="trainer.max_epochs must be an integer >= 1"):
+            run(tiny_cfg(f"trainer.max_epochs={epochs}"), tmp_path)
+    assert not (tmp_path / "metrics.json").exists()

@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor
 
 from mtlsparse.data.dense import DenseDataModule, Targets, image_tensor, missing_files_message, split_fractions
+from mtlsparse.errors import MissingDataError
 from mtlsparse.tasks import Task
 
 #: the dataset's part names in painting order (CelebAMask-HQ's g_mask.py)
@@ -67,11 +68,11 @@ class CelebAMaskHQ(DenseDataModule):
     def list_samples(self, split: str) -> list[int]:
         image_dir = self.directory / "CelebA-HQ-img"
         if not image_dir.is_dir():
-            raise FileNotFoundError(missing_files_message("CelebAMask-HQ", self.directory, LAYOUT, HOW_TO_GET,
+            raise MissingDataError(missing_files_message("CelebAMask-HQ", self.directory, LAYOUT, HOW_TO_GET,
                                                           f"no folder {image_dir}"))
         ids = sorted(int(p.stem) for p in image_dir.glob("*.jpg") if p.stem.isdigit())
         if not ids:
-            raise FileNotFoundError(missing_files_message("CelebAMask-HQ", self.directory, LAYOUT, HOW_TO_GET,
+            raise MissingDataError(missing_files_message("CelebAMask-HQ", self.directory, LAYOUT, HOW_TO_GET,
                                                           f"{image_dir} holds no <i>.jpg files"))
         if any(t in ATTRIBUTES for t in self.tasks):
             self.attributes = self._read_attributes()
@@ -81,7 +82,7 @@ class CelebAMaskHQ(DenseDataModule):
         if "seg" in self.tasks:
             folder = self.directory / "CelebAMask-HQ-mask-anno"
             if not folder.is_dir():
-                raise FileNotFoundError(missing_files_message("CelebAMask-HQ", self.directory, LAYOUT, HOW_TO_GET,
+                raise MissingDataError(missing_files_message("CelebAMask-HQ", self.directory, LAYOUT, HOW_TO_GET,
                                                               f"no folder {folder}"))
         return ids
 
@@ -100,7 +101,7 @@ class CelebAMaskHQ(DenseDataModule):
         """{image id: {task: 0/1}} for the chosen attribute tasks, from the annotation file."""
         path = self.directory / "CelebAMask-HQ-attribute-anno.txt"
         if not path.is_file():
-            raise FileNotFoundError(missing_files_message("CelebAMask-HQ", self.directory, LAYOUT, HOW_TO_GET,
+            raise MissingDataError(missing_files_message("CelebAMask-HQ", self.directory, LAYOUT, HOW_TO_GET,
                                                           f"no file {path}"))
         lines = path.read_text().splitlines()
         header = lines[1].split()
@@ -143,5 +144,5 @@ class CelebAMaskHQ(DenseDataModule):
                 mask = np.zeros(on.shape, dtype=np.int64)
             mask[on] = self.part_class[part]
         if mask is None:
-            raise FileNotFoundError(f"CelebAMask-HQ: no part masks {folder}/{sample:05d}_<part>.png for image {sample}")
+            raise MissingDataError(f"CelebAMask-HQ: no part masks {folder}/{sample:05d}_<part>.png for image {sample}")
         return torch.from_numpy(mask)

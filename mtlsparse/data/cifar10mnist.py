@@ -30,7 +30,7 @@ from mtlsparse.data.base import ImageData, MultiTaskDataModule
 from mtlsparse.data.cache import build_cached, cache_path, save_atomic
 from mtlsparse.data.cifar100_20 import read_pickle
 from mtlsparse.data.pairs import channel_stats, resize_images
-from mtlsparse.data.sources import ImageSet, SOURCES, load_source, locate_pickled
+from mtlsparse.data.sources import SOURCES, ImageSet, load_source, locate_pickled
 from mtlsparse.tasks import Task
 
 DIR_NAME = "cifar-10-batches-py"

@@ -21,6 +21,7 @@ from torch import Tensor
 from torchvision.datasets import Cityscapes as TorchvisionCityscapes
 
 from mtlsparse.data.dense import DenseDataModule, Targets, image_tensor, missing_files_message
+from mtlsparse.errors import MissingDataError
 from mtlsparse.tasks import Task
 
 SPLIT_DIRS = {"train": "train", "test": "val"}
@@ -78,12 +79,12 @@ class Cityscapes(DenseDataModule):
         image_dir = self.directory / "leftImg8bit" / split_dir
         images = sorted(image_dir.glob("*/*_leftImg8bit.png")) if image_dir.is_dir() else []
         if not images:
-            raise FileNotFoundError(missing_files_message("Cityscapes", self.directory, LAYOUT, HOW_TO_GET,
+            raise MissingDataError(missing_files_message("Cityscapes", self.directory, LAYOUT, HOW_TO_GET,
                                                           f"no <city>/*_leftImg8bit.png under {image_dir}"))
         for task in self.tasks:
             missing = [p for p in (self._paths(img, split_dir)[task] for img in images) if not p.is_file()]
             if missing:
-                raise FileNotFoundError(missing_files_message(
+                raise MissingDataError(missing_files_message(
                     "Cityscapes", self.directory, LAYOUT, HOW_TO_GET,
                     f"task '{task}': {len(missing)} of {len(images)} files missing, e.g. {missing[0]}"))
         return images

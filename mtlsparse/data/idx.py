@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mtlsparse.errors import DataError
+
 UINT8 = 0x08  # the only element type MNIST-style files use
 
 
-class IdxFormatError(ValueError):
+class IdxFormatError(DataError, ValueError):
     """An IDX file is corrupt, truncated or not an unsigned-byte IDX file."""
 
 

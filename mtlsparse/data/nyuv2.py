@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from mtlsparse.data.dense import DenseDataModule, Targets, image_tensor, missing_files_message
+from mtlsparse.errors import MissingDataError
 from mtlsparse.tasks import Task
 
 SPLIT_DIRS = {"train": "train", "test": "val"}  # our split → directory on disk
@@ -56,20 +57,21 @@ class NYUv2(DenseDataModule):
         split_dir = self.directory / SPLIT_DIRS[split]
         image_dir = split_dir / "image"
         if not image_dir.is_dir():
-            raise FileNotFoundError(missing_files_message("NYUv2", self.directory, LAYOUT, HOW_TO_GET,
+            raise MissingDataError(missing_files_message("NYUv2", self.directory, LAYOUT, HOW_TO_GET,
                                                           f"no folder {image_dir}"))
         names = sorted((p.name for p in image_dir.glob("*.npy")), key=_index_order)
         if not names:
-            raise FileNotFoundError(missing_files_message("NYUv2", self.directory, LAYOUT, HOW_TO_GET,
+            raise MissingDataError(missing_files_message("NYUv2", self.directory, LAYOUT, HOW_TO_GET,
                                                           f"{image_dir} holds no .npy files"))
         for task in self.tasks:
             folder = split_dir / self.folders[task]
             present = {p.name for p in folder.glob("*.npy")} if folder.is_dir() else set()
             missing = [n for n in names if n not in present]
             if missing:
-                raise FileNotFoundError(missing_files_message(
+                raise MissingDataError(missing_files_message(
                     "NYUv2", self.directory, LAYOUT, HOW_TO_GET,
-                    f"task '{task}' needs {folder}/<i>.npy for every image; {len(missing)} missing, e.g. {missing[:3]}"))
+                    f"task '{task}' needs {folder}/<i>.npy for every image; {len(missing)} missing, "
+                    f"e.g. {missing[:3]}"))
         return [(split_dir, name) for name in names]
 
     def read_sample(self, sample: tuple[Path, str]) -> tuple[Tensor, Targets]:

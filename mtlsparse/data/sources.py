@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from mtlsparse.data.idx import read_idx
+from mtlsparse.errors import MissingDataError
 
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -125,7 +126,7 @@ def load_source(name: str, root: str | Path, download: bool = False) -> dict[str
         _download(source, root)
         paths = _locate(source, root)
     if paths is None:
-        raise FileNotFoundError(_missing_message(source, root))
+        raise MissingDataError(_missing_message(source, root))
     return {split: _read_split(paths[img], paths[lbl]) for split, (img, lbl) in SPLIT_FILES.items()}
 
 
@@ -146,7 +147,7 @@ def locate_pickled(root: str | Path, dir_name: str, files: Sequence[str], title:
             raise RuntimeError(f"downloading {title} into {root} failed ({err}); to get it: {how_to_get}") from err
     missing = [name for name in files if not (directory / name).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"{title} not found: {directory} lacks {missing} (torchvision's python format: "
             f"{dir_name}/{{{','.join(files)}}}).\nTo get it: {how_to_get}.")
     return directory

@@ -1,0 +1,135 @@
+"""The layout of one run dir, and the few operations that touch it as a whole.
+
+    <run_dir>/
+      .hydra/config.yaml, hydra.yaml, overrides.yaml   the composed config (written by us, see below)
+      job.json          config fingerprint + the semantic config, to recognise (or diff) a re-run
+      environment.json  package versions and git revision
+      mtlsparse.log     the job log (Hydra's file handler)
+      logs/             Lightning CSV logs (logs/resumed-N/ for resumed attempts)
+      checkpoints/      best-epochNNN.ckpt (by val/select) and last.ckpt (every epoch end)
+      metrics.json      final metrics: written last, so its presence means the run finished
+      attempts/N/       files of an earlier attempt that died before its first checkpoint
+
+Hydra is configured with `hydra.output_subdir: null`, so it writes no `.hydra/` of its own:
+the run code writes it only after deciding what to do with the dir, and a refused or
+skipped re-run therefore leaves every byte of a finished run as it was.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = ".hydra"
+JOB_FILE = "job.json"
+ENVIRONMENT_FILE = "environment.json"
+METRICS_FILE = "metrics.json"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+ATTEMPTS_DIR = "attempts"
+#: what a dead attempt leaves besides checkpoints/metrics: moved to attempts/N/ before a new start
+ATTEMPT_FILES = (CONFIG_DIR, JOB_FILE, ENVIRONMENT_FILE, "logs", "*.log", "mask_report.json", "layer_report.json")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run dir; the only place that spells out its file names."""
+
+    path: Path
+
+    @property
+    def job_file(self) -> Path:
+        return self.path / JOB_FILE
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def environment_file(self) -> Path:
+        return self.path / ENVIRONMENT_FILE
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / CHECKPOINT_DIR
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoint_dir / LAST_CHECKPOINT
+
+    def checkpoints(self) -> list[Path]:
+        """Every checkpoint file the run kept."""
+        return sorted(self.checkpoint_dir.glob("*.ckpt")) if self.checkpoint_dir.is_dir() else []
+
+    def holds_results(self) -> bool:
+        """A checkpoint or a metrics.json: work that a re-run must never overwrite."""
+        return self.metrics_file.exists() or bool(self.checkpoints())
+
+    def archive_attempt(self) -> Path | None:
+        """Move a dead attempt's files (no checkpoint, no metrics) to attempts/N/; None if there were none."""
+        if not (self.job_file.exists() or (self.path / CONFIG_DIR).exists()):
+            return None  # nothing ran here before (Hydra may just have opened this attempt's log)
+        found = sorted({p for pattern in ATTEMPT_FILES for p in self.path.glob(pattern)})
+        attempts = self.path / ATTEMPTS_DIR
+        number = 1 + max((int(p.name) for p in attempts.glob("*") if p.name.isdigit()), default=0)
+        target = attempts / str(number)
+        target.mkdir(parents=True)
+        with paused_file_logs(self.path):
+            for source in found:
+                source.rename(target / source.name)
+        return target
+
+    def write_config_record(self, cfg: DictConfig, hydra_cfg: DictConfig | None) -> None:
+        """`.hydra/config.yaml`, `hydra.yaml`, `overrides.yaml` as Hydra would write them."""
+        if hydra_cfg is None:
+            return
+        folder = self.path / CONFIG_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        task = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+        OmegaConf.save(task, folder / "config.yaml")
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
+        OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), folder / "overrides.yaml")
+
+
+def file_log_handlers(directory: Path) -> list[tuple[logging.Logger, logging.FileHandler]]:
+    """Logging file handlers (any logger) that write into `directory` — Hydra's job log among them."""
+    directory = directory.resolve()
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
+    found = []
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().parent == directory:
+                found.append((logger, handler))
+    return found
+
+
+def detach_file_logs(directory: Path) -> None:
+    """Stop every file handler writing into `directory`, so a refused or skipped re-run adds nothing there.
+
+    A log file the handler only just created (empty) is removed with it.
+    """
+    for logger, handler in file_log_handlers(directory):
+        logger.removeHandler(handler)
+        handler.close()
+        log_file = Path(handler.baseFilename)
+        if log_file.is_file() and log_file.stat().st_size == 0:
+            log_file.unlink()
+
+
+class paused_file_logs:
+    """Close the dir's log files while the block moves them; each reopens (a new file) on its next record."""
+
+    def __init__(self, directory: Path) -> None:
+        self.handlers = [h for _, h in file_log_handlers(directory)]
+
+    def __enter__(self) -> None:
+        for handler in self.handlers:
+            handler.acquire()
+            handler.close()  # FileHandler reopens its file on the next emit (mode 'a')
+
+    def __exit__(self, *exc: Any) -> None:
+        for handler in self.handlers:
+            handler.release()
