@@ -176,3 +176,26 @@ def test_kdmtl_checkpoint_mismatch_is_a_clear_error(stl_checkpoint):
         KDMTL(tasks, (1, 16, 16), hidden=30, teacher_ckpt=str(stl_checkpoint))
     with pytest.raises(ValueError, match="no STL trunk for task 'left'"):
         KDMTL({"left": Task("left", num_classes=4)}, (1, 16, 16), teacher_ckpt=str(stl_checkpoint))
+
+
+@pytest.mark.parametrize("balancer", ["balancer=linear", "balancer=mgda", "balancer=mgda balancer.mode=representation",
+                                      "balancer=upgrad", "balancer=upgrad balancer.mode=representation",
+                                      "balancer=gradnorm balancer.mode=representation", "balancer=uncertainty"])
+def test_kdmtl_distillation_reaches_the_optimiser_in_every_balancer_mode(balancer, tiny_cfg, monkeypatch):
+    """The adaptors learn only from the distillation term: they get a gradient iff it reached the loss."""
+    from hydra.utils import instantiate
+
+    from mtlsparse.train import build_module
+
+    cfg = tiny_cfg("model=kdmtl", "model.allow_untrained_teachers=true", *balancer.split())
+    datamodule = instantiate(cfg.dataset)
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    monkeypatch.setattr(module, "log_dict", lambda *a, **k: None)
+    module.train()
+    module.zero_grad()
+    loss = module.training_step(next(iter(datamodule.train_dataloader())), 0)
+    loss.backward()
+    grads = [p.grad for p in module.model.adaptors.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads), balancer
