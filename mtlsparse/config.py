@@ -122,16 +122,14 @@ def check_trainer_extras(cfg: DictConfig) -> None:
 INTERPOLATED_KNOBS = {"lam": 0.0, "sparsity": 0.0}
 
 
-def warn_unused_knobs(cfg: DictConfig) -> list[str]:
+def warn_unused_knobs(cfg: DictConfig, method: str) -> list[str]:
     """Warn once, by name, for each top-level knob that is set but read by no chosen group option."""
     raw = OmegaConf.to_container(cfg, resolve=False)
     groups = {k: v for k, v in raw.items() if isinstance(v, dict) and k != "hydra"}
     text = repr(groups)
     unused = [knob for knob, default in INTERPOLATED_KNOBS.items()
               if cfg.get(knob) != default and "${" + knob + "}" not in text]
-    choices = OmegaConf.select(cfg, "hydra.runtime.choices", default=None) or {}
     for knob in unused:
-        method = choices.get("method", "?") if choices else "?"
         log.warning("%s=%s has no effect: method=%s does not read it (its keys: %s)", knob, cfg.get(knob), method,
                     ", ".join(sorted(k for k in (groups.get("method") or {}) if k != "_target_")) or "none")
     return unused

@@ -183,7 +183,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if rank_zero:
         layout.write_config_record(cfg, HydraConfig.get() if HydraConfig.initialized() else None)
     validate_knobs(cfg)
-    warn_unused_knobs(cfg)
+    warn_unused_knobs(cfg, group_choices(cfg)["method"])
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build(cfg, "dataset")
     module = build_module(cfg, datamodule)
