@@ -230,8 +230,8 @@ def check_value_types(node: DictConfig, group: str, target: str) -> None:
         if kinds is None or value is None:
             continue
         if isinstance(value, bool) and kinds != (bool,) or not isinstance(value, kinds):
-            wanted = "true or false" if kinds == (bool,) else "a number"
-            raise ConfigError(f"{group}.{key} must be {wanted} (like its default {param.default!r}), got {value!r}")
+            wanted = "true or false" if kinds == (bool,) else f"a number (default {param.default!r})"
+            raise ConfigError(f"{group}.{key} must be {wanted}, got {value!r}")
 
 
 def build(cfg: DictConfig, group: str, **runtime: Any) -> Any:
