@@ -32,7 +32,7 @@ OPTIONAL_GROUPS = ("experiment",)
 
 
 def normalise_overrides(overrides: list[str]) -> list[str]:
-    """Accept `experiment=NAME` (the older spelling) as `experiment=NAME`.
+    """Accept `+experiment=NAME` (the older spelling) as `experiment=NAME`.
 
     The defaults list holds `experiment: null`, so Hydra itself takes `experiment=NAME`
     and would refuse the appending `+` form as a second value.
