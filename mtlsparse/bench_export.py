@@ -6,9 +6,10 @@ method leaves them (every prunable trunk layer: the same random 70% of each coup
 channels zeroed in all prunable readers, so residual streams are zeroed consistently;
 heads untouched, as group lasso leaves them), compacts it with `mtlsparse.export`, checks
 the outputs, and times dense vs compact trunk on CPU batch inference (warm-up, then the
-median of repeats, dense and compact interleaved so machine load hits both alike).
-Reports the measured speed-up next to the FLOP ratio, the speed-up a perfect kernel
-would give. Writes `bench/export.json` and `bench/export.md`.
+median and interquartile range of repeats, dense and compact interleaved so machine load
+hits both alike). Reports the measured speed-up next to the FLOP ratio, the speed-up a
+perfect kernel would give, or "no measurable change" when the two ranges overlap. Writes
+`bench/export.json` and `bench/export.md`.
 """
 from __future__ import annotations
 
@@ -22,9 +23,18 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mtlsparse.export import channel_role, compact, dependency_graph, max_abs_diff, num_params, removal_counts
+from mtlsparse.export import (
+    Budget,
+    channel_role,
+    compact,
+    coupled_groups,
+    dependency_graph,
+    max_abs_diff,
+    num_params,
+    removal_counts,
+)
 from mtlsparse.io import atomic_write_text, write_json
-from mtlsparse.latency import count_flops, median_latency_ms
+from mtlsparse.latency import count_flops, latency_spread_ms, measurable_difference
 from mtlsparse.metrics.sparsity import group_sparsity
 from mtlsparse.sparsity.layers import prunable_layers
 from mtlsparse.tasks import Task
@@ -45,7 +55,7 @@ def zero_channel_groups_(model: nn.Module, x: Tensor, fraction: float, prunable:
     generator = torch.Generator().manual_seed(seed)
     graph, outputs = dependency_graph(model, x)
     prunable = set(prunable)
-    for group in graph.get_all_groups():
+    for _, group in coupled_groups(graph, Budget()):
         roles = [channel_role(graph, item.dep, outputs) for item in group]
         if "unsafe" in roles:
             continue
@@ -79,7 +89,7 @@ def measure(depth: int, width: float, size: int, batch: int, sparsity: float, wa
     diff = max_abs_diff(model, small, x[:2])
     flops = {"trunk_dense": count_flops(model.trunk, x[:1]), "trunk_compact": count_flops(small.trunk, x[:1]),
              "model_dense": count_flops(model, x[:1]), "model_compact": count_flops(small, x[:1])}
-    latency = median_latency_ms({"dense": model.trunk, "compact": small.trunk}, x, warmup, repeats, threads)
+    spreads, samples = latency_spread_ms({"dense": model.trunk, "compact": small.trunk}, x, warmup, repeats, threads)
     return {"depth": depth, "width": width, "size": size, "batch": batch, "threads": threads,
             "repeats": repeats, "warmup": warmup,
             "sparsity_group": group_sparsity([layer.weight for layer in layers]),
@@ -89,25 +99,29 @@ def measure(depth: int, width: float, size: int, batch: int, sparsity: float, wa
             **{f"flops_{k}": v for k, v in flops.items()},
             "flop_ratio_trunk": flops["trunk_dense"] / flops["trunk_compact"],
             "flop_ratio_model": flops["model_dense"] / flops["model_compact"],
-            "latency_dense_ms": latency["dense"], "latency_compact_ms": latency["compact"],
-            "speedup_trunk": latency["dense"] / latency["compact"]}
+            "latency_dense_ms": spreads["dense"].median, "latency_compact_ms": spreads["compact"].median,
+            "latency_dense_iqr_ms": spreads["dense"].iqr, "latency_compact_iqr_ms": spreads["compact"].iqr,
+            "speedup_trunk": spreads["dense"].median / spreads["compact"].median,
+            "speedup_measurable": measurable_difference(samples["dense"], samples["compact"])}
 
 
 def markdown(rows: list[dict], note: str) -> str:
     first = rows[0]
     lines = [f"Export benchmark: `deeplab_resnet` trunk (output stride 8), {first['size']}×{first['size']} random "
-             f"inputs, CPU batch {first['batch']}, {first['threads']} thread(s), median of {first['repeats']} "
-             f"interleaved repeats after {first['warmup']} warm-up. {note}", "",
+             f"inputs, CPU batch {first['batch']}, {first['threads']} thread(s), median [interquartile range] of "
+             f"{first['repeats']} interleaved repeats after {first['warmup']} warm-up. {note}", "",
              "| ResNet | group sparsity % | trunk params dense → compact | trunk GMACs/img dense → compact | "
              "FLOP ratio | trunk latency dense → compact (ms) | measured speed-up | ≥ 2× | max abs diff |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        measurable = r["speedup_measurable"]
+        speedup = f"{r['speedup_trunk']:.2f}×" if measurable else "no measurable change"
         lines.append(
             f"| {r['depth']} | {r['sparsity_group']:.1f} | {r['params_trunk_dense'] / 1e6:.2f}M → "
             f"{r['params_trunk_compact'] / 1e6:.2f}M | {r['flops_trunk_dense'] / 2e9:.2f} → "
-            f"{r['flops_trunk_compact'] / 2e9:.2f} | {r['flop_ratio_trunk']:.2f}× | {r['latency_dense_ms']:.0f} → "
-            f"{r['latency_compact_ms']:.0f} | {r['speedup_trunk']:.2f}× | {'yes' if r['speedup_trunk'] >= 2 else 'NO'} "
-            f"| {r['max_abs_diff']:.1e} |")
+            f"{r['flops_trunk_compact'] / 2e9:.2f} | {r['flop_ratio_trunk']:.2f}× | {r['latency_dense_ms']:.0f} "
+            f"[{r['latency_dense_iqr_ms']:.2g}] → {r['latency_compact_ms']:.0f} [{r['latency_compact_iqr_ms']:.2g}] | "
+            f"{speedup} | {'yes' if measurable and r['speedup_trunk'] >= 2 else 'NO'} | {r['max_abs_diff']:.1e} |")
     lines += ["", "GMACs: multiply-adds per image (torch's FLOP counter / 2). FLOP ratio = dense / compact FLOPs, the "
               "speed-up a perfectly efficient kernel would reach. Whole model with the (unpruned) ASPP heads: "
               + ", ".join(f"ResNet-{r['depth']} {r['flop_ratio_model']:.2f}× fewer FLOPs" for r in rows) + "."]
