@@ -141,7 +141,8 @@ def plan_run(cfg: DictConfig, run_dir: Path) -> Plan:
     holds_results = layout.holds_results()
     if mode == "false":
         if holds_results:
-            what = "a finished run (metrics.json)" if layout.metrics_file.exists() else "an unfinished run (checkpoints)"
+            finished = layout.metrics_file.exists()
+            what = "a finished run (metrics.json)" if finished else "an unfinished run (checkpoints)"
             raise ConfigError(f"resume=false but {run_dir} holds {what}; it is kept. "
                               f"Run in a new directory (hydra.run.dir=...), or delete that one first")
         return Plan("fresh")

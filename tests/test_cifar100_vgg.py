@@ -8,8 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from mtlsparse.data.cifar100_20 import (IGNORE_INDEX, Cifar100Superclasses, locate, read_split, superclass_mapping,
-                                        superclass_targets)
+from mtlsparse.data.cifar100_20 import (
+    IGNORE_INDEX,
+    Cifar100Superclasses,
+    locate,
+    read_split,
+    superclass_mapping,
+    superclass_targets,
+)
 from mtlsparse.models.vgg import VGG16MT
 from mtlsparse.sparsity.layers import prunable_layers
 from mtlsparse.tasks import Task

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fakes import fake_items, write_fake_cifar10
 from mtlsparse.config import CONF_DIR
 from mtlsparse.data.cifar10mnist import Cifar10Mnist, load_cifar10
 from mtlsparse.data.idx import write_idx
 from mtlsparse.data.sources import FILE_NAMES
+
+from fakes import fake_items, write_fake_cifar10
 
 N_TRAIN, N_TEST = 100, 40  # fake CIFAR-10 sizes; the fake MNIST has more digits, as the real one does
 

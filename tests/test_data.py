@@ -370,7 +370,8 @@ def test_multi_digits_shapes_tasks_determinism():
 
 @pytest.mark.parametrize("num_tasks, channels", [(2, 1), (3, 3)])
 def test_synthetic_shapes_tasks_determinism(num_tasks, channels):
-    make = lambda seed: Synthetic(num_tasks=num_tasks, channels=channels, num_classes=5, image_size=12, seed=seed)
+    def make(seed):
+        return Synthetic(num_tasks=num_tasks, channels=channels, num_classes=5, image_size=12, seed=seed)
     dm = make(0)
     assert list(dm.tasks) == [f"t{k}" for k in range(num_tasks)] and dm.input_shape == (channels, 12, 12)
     assert all(task.num_classes == 5 for task in dm.tasks.values())

@@ -11,17 +11,18 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import compose_cfg
-from fakes_dense import write_fake_dense_datasets
 from mtlsparse.balancers.linear import Linear
 from mtlsparse.config import compose_config
 from mtlsparse.models.deeplab import DeepLabResNet, ResNetTrunk
 from mtlsparse.module import MultiTaskModule
 from mtlsparse.sparsity.base import Dense
-from mtlsparse.sparsity.growl import GrOWL
 from mtlsparse.sparsity.group_lasso import GroupLasso
+from mtlsparse.sparsity.growl import GrOWL
 from mtlsparse.tasks import Task
 from mtlsparse.train import run
+
+from conftest import compose_cfg
+from fakes_dense import write_fake_dense_datasets
 
 TASKS = {"seg": Task("seg", kind="segmentation", num_classes=5, ignore_index=-1),
          "depth": Task("depth", kind="depth"), "normal": Task("normal", kind="normal"),
@@ -134,7 +135,8 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
     assert torch.equal(model.trunk.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
     assert torch.equal(model.trunk.bn1.running_var, reference.bn1.running_var)
     with pytest.raises(ValueError, match="does not fit this trunk"):
-        DeepLabResNet({"seg": TASKS["seg"]}, (3, 32, 32), depth=18, width=0.5, pretrained=str(tmp_path / "resnet18.pth"))
+        DeepLabResNet({"seg": TASKS["seg"]}, (3, 32, 32), depth=18, width=0.5,
+                      pretrained=str(tmp_path / "resnet18.pth"))
 
 
 @pytest.mark.parametrize("method", [GroupLasso(lam=1.0), GrOWL()])
@@ -157,10 +159,11 @@ def make_module(tasks: dict[str, Task], reference=None) -> MultiTaskModule:
 
 def test_checkpoint_score_without_reference_is_scale_free_for_mixed_directions():
     module = make_module({"seg": TASKS["seg"], "normal": TASKS["normal"]})
-    assert module._selection_score({"val/seg/miou": 0.2, "val/normal/mean_angle": 40.0}) == pytest.approx(0, abs=1e-5)  # first val
+    score = module._selection_score
+    assert score({"val/seg/miou": 0.2, "val/normal/mean_angle": 40.0}) == pytest.approx(0, abs=1e-5)  # first val
     # normals 10% better (36°) outweighs mIoU 5% worse (0.19): degrees do not swamp mIoU, nor the reverse
-    assert module._selection_score({"val/seg/miou": 0.19, "val/normal/mean_angle": 36.0}) == pytest.approx(2.5, abs=1e-5)
-    assert module._selection_score({"val/seg/miou": 0.3, "val/normal/mean_angle": 40.0}) == pytest.approx(25.0, abs=1e-4)
+    assert score({"val/seg/miou": 0.19, "val/normal/mean_angle": 36.0}) == pytest.approx(2.5, abs=1e-5)
+    assert score({"val/seg/miou": 0.3, "val/normal/mean_angle": 40.0}) == pytest.approx(25.0, abs=1e-4)
     assert "select_reference" in module.state_dict()  # checkpoints and resumed runs keep the scale
     accuracy_only = make_module({"seg": TASKS["seg"], "male": TASKS["male"]})
     assert accuracy_only._selection_score({"val/seg/miou": 0.5, "val/male/acc": 0.7}) == pytest.approx(0.6)

@@ -7,11 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fakes_dense import write_fake_cityscapes, write_fake_dense_datasets, write_fake_nyuv2
 from mtlsparse.data.celeba_mask import BACKGROUND, HAIR, SKIN, CelebAMaskHQ
 from mtlsparse.data.cityscapes import BASELINE_M, FOCAL_PX, Cityscapes, label_lookup
 from mtlsparse.data.dense import IMAGENET_MEAN, IMAGENET_STD, JointTransform
 from mtlsparse.data.nyuv2 import NYUv2
+
+from fakes_dense import write_fake_cityscapes, write_fake_dense_datasets, write_fake_nyuv2
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from test_masks import attach, fake_module, train_steps
 from mtlsparse.sparsity.dst import SET, DiSparseDynamic, MinMaxDST, RigL, drop_smallest
 from mtlsparse.sparsity.masks import mask_of
 from mtlsparse.train import run
+
+from test_masks import attach, fake_module, train_steps
 
 
 def counts(method) -> list[int]:

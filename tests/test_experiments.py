@@ -7,10 +7,11 @@ from typing import Any
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from conftest import compose_cfg
-from fakes import write_fake_source
 from mtlsparse.config import CONF_DIR, compose_config
 from mtlsparse.train import run
+
+from conftest import compose_cfg
+from fakes import write_fake_source
 
 RECIPE_CHOICES = {"model": "mdmtn", "balancer": "chebyshev", "method": "growl", "scheduler": "step"}
 # METHODS.md §1: per preset, its dataset and the paper's values (dotted keys)

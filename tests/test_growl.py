@@ -10,7 +10,6 @@ import pytest
 import torch
 from sklearn.cluster import AffinityPropagation
 
-from conftest import compose_cfg
 from mtlsparse import train
 from mtlsparse.config import ConfigError
 from mtlsparse.models import HPS
@@ -20,6 +19,8 @@ from mtlsparse.sparsity.layers import group_norms, group_view
 from mtlsparse.sparsity.owl import cap_zero_rows_, growl_prox_, owl_prox, owl_value, spike_weights
 from mtlsparse.sparsity.tying import cluster_rows, tie_rows_
 from mtlsparse.tasks import Task
+
+from conftest import compose_cfg
 
 
 def growl_objective(w: torch.Tensor, z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -144,7 +145,8 @@ def test_schedule_cap_and_checkpoint_floor_follow_the_epoch():
     assert [method.iteration(e) for e in (0, 2, 3, 8, 9, 12)] == [1, 1, 2, 3, 1, 2]
     assert [round(method.cap(e), 6) for e in (0, 3, 6, 9)] == [0.2, 0.4, 0.6, 0.6]
     assert method.total_epochs == 39
-    assert method.min_sparsity == 100.0  # unreachable floor: untied phase-1 models are never "best" when phase 2 follows
+    # unreachable floor: untied phase-1 models are never "best" when phase 2 follows
+    assert method.min_sparsity == 100.0
     method.tied.fill_(True)
     assert method.min_sparsity == pytest.approx(20.0)
     assert GrOWL(phase2_iterations=0, s_min=0.1).min_sparsity == pytest.approx(10.0)

@@ -111,7 +111,8 @@ def test_checkpoint_reloads_masks_into_a_fresh_module(tiny_cfg, tmp_path, overri
     for key, mask in _masks(fresh.state_dict()).items():
         assert torch.equal(mask, saved[key]), key
     if hasattr(fresh.method, "task_masks"):  # the per-task masks feed the IoU report
-        assert set(write_mask_report(fresh.method, tmp_path / "report")) == {layer.name for layer in fresh.method.layers}
+        layers = {layer.name for layer in fresh.method.layers}
+        assert set(write_mask_report(fresh.method, tmp_path / "report")) == layers
     weights = [layer.weight for layer in fresh.method.layers]
     assert 100 * sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights) >= 80 - 0.5
 

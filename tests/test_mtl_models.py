@@ -149,8 +149,9 @@ def test_kdmtl_without_teachers_tells_how_to_train_them():
 @pytest.fixture(scope="module")
 def stl_checkpoint(tmp_path_factory) -> Path:
     """A real STL run's best checkpoint on the tiny synthetic data (tasks t0, t1; 1×16×16)."""
-    from conftest import TINY, compose_cfg
     from mtlsparse.train import run
+
+    from conftest import TINY, compose_cfg
 
     root = tmp_path_factory.mktemp("stl")
     run(compose_cfg(TINY + ["model=stl"], data_root=root / "data"), root / "run")

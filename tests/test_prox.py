@@ -85,7 +85,7 @@ def test_metric_prox_with_uniform_metric_is_plain_prox_with_scaled_threshold():
 
 def _adam_step_then_prox(method_name: str, prox: str = "adam"):
     from mtlsparse.models import HPS
-    from mtlsparse.sparsity import GroupLasso, L1
+    from mtlsparse.sparsity import L1, GroupLasso
     from mtlsparse.tasks import Task
 
     torch.manual_seed(0)

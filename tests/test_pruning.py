@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_masks import TASKS, attach, fake_module, train_steps
 from mtlsparse.sparsity.allocation import union_topk
 from mtlsparse.sparsity.magnitude import Magnitude
 from mtlsparse.sparsity.masks import mask_of
@@ -12,6 +11,8 @@ from mtlsparse.sparsity.reweighted_l1 import ReweightedL1
 from mtlsparse.sparsity.schedules import cubic_sparsity
 from mtlsparse.sparsity.snip import SNIP, DiSparseStatic, task_gradient_magnitudes
 from mtlsparse.train import run
+
+from test_masks import TASKS, attach, fake_module, train_steps
 
 
 def mask_sparsity(method) -> float:

@@ -67,7 +67,8 @@ def _results(run_dir):
 
 @pytest.mark.parametrize("overrides", list(CASES.values()), ids=list(CASES))
 def test_killed_run_resumes_to_identical_metrics(tiny_cfg, tmp_path, monkeypatch, overrides):
-    cfg = lambda: tiny_cfg(*RESUMABLE, *overrides)
+    def cfg():
+        return tiny_cfg(*RESUMABLE, *overrides)
     run(cfg(), tmp_path / "straight")
     straight_metrics, straight_state = _results(tmp_path / "straight")
 
@@ -139,7 +140,8 @@ def test_sweep_with_a_failing_job_keeps_the_others_and_a_rerun_only_retries_it(t
     assert len(done) == 5  # ...after running all the others
     stamps = {f: f.stat().st_mtime_ns for f in done}
 
-    report = subprocess.run([sys.executable, "-c", "from mtlsparse.cli import main; main()", "report", str(sweep)], check=False,
+    report = subprocess.run([sys.executable, "-c", "from mtlsparse.cli import main; main()", "report", str(sweep)],
+                            check=False,
                             cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr[-2000:]

@@ -3,8 +3,14 @@ import pytest
 import torch
 from torch import nn
 
-from mtlsparse.metrics.sparsity import (group_sparsity, matrix_weights, param_counts, param_sparsity,
-                                        row_metrics, row_stats)
+from mtlsparse.metrics.sparsity import (
+    group_sparsity,
+    matrix_weights,
+    param_counts,
+    param_sparsity,
+    row_metrics,
+    row_stats,
+)
 
 
 def test_param_sparsity_counts_exact_zeros():

@@ -12,10 +12,11 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from conftest import REPO, TINY, compose_cfg
-from fakes import write_fake_cifar10, write_fake_cifar100, write_fake_source
 from mtlsparse.config import CONF_DIR, ConfigError
 from mtlsparse.train import ECHOED_GROUPS, run
+
+from conftest import REPO, TINY, compose_cfg
+from fakes import write_fake_cifar10, write_fake_cifar100, write_fake_source
 
 GROUPS_RUN_IN_PROCESS = ("model", "balancer", "method", "optimizer", "scheduler")
 REQUIRED_KEYS = ["test/mean_acc", "sparsity/param", "sparsity/group", "sparsity/sr", "sparsity/cr", "sparsity/ps",

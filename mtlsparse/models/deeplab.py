@@ -112,7 +112,8 @@ class ResNetTrunk(nn.Module):
         """Load a torchvision ResNet state_dict file (its `fc.*` classifier is dropped); shapes must match."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
-        state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
+        state = {k.removeprefix("module."): v for k, v in state.items()
+                 if not k.removeprefix("module.").startswith("fc.")}
         mine = self.state_dict()
         wrong = [k for k, v in state.items() if k in mine and mine[k].shape != v.shape]
         missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
@@ -167,7 +168,8 @@ class DeepLabResNet(SharedTrunkModel):
         head_channels = head_channels or scaled(256, width)
         cls_hidden = cls_hidden or head_channels
         if head_channels < 1 or cls_hidden < 1:
-            raise ValueError(f"model.head_channels and model.cls_hidden must be >= 1, got {head_channels}, {cls_hidden}")
+            raise ValueError(f"model.head_channels and model.cls_hidden must be >= 1, "
+                             f"got {head_channels}, {cls_hidden}")
         rates = tuple(atrous_rates) if atrous_rates is not None else ATROUS_RATES[output_stride]
         heads = {name: aspp_head(trunk.out_channels, t.out_dim, rates, head_channels) if t.dense
                  else image_head(trunk.out_channels, t.out_dim, head_channels, cls_hidden)
