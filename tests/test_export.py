@@ -543,7 +543,7 @@ def test_the_deadline_stops_export_with_a_clear_error(tmp_path):
         model.trunk[3].weight[:, :4] = 0
     with pytest.raises(BudgetExceeded, match="ran past its .* s budget"):
         compact(model, torch.randn(2, 1, 16, 16), Budget(seconds=1e-9))
-    cfg = compose_config(TINY + EXPORT_CHEAP + ["+export.budget_s=1e-9", f"data_root={tmp_path}"])
+    cfg = compose_config(TINY + EXPORT_CHEAP + ["export.budget_s=1e-9", f"data_root={tmp_path}"])
     assert "ran past" in export_after_training(cfg, model, True, (1, 16, 16), tmp_path)["export/error"]
     assert not (tmp_path / COMPACT_FILE).exists()
 
