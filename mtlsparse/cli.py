@@ -21,7 +21,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mtlsparse.conf_dir import CONF_DIR, normalise_overrides
 from mtlsparse.errors import EXIT_CODES, ConfigError, exit_code
@@ -146,6 +146,23 @@ def preflight(args: list[str]) -> str | None:
         check_root_keys(cfg)
     except ConfigError as err:
         return str(err)
+    return missing_plugin(cfg) if multirun else None
+
+
+#: Hydra plugins that come with an extra of ours: module → extra
+PLUGIN_EXTRAS = {"hydra_plugins.hydra_submitit_launcher": "slurm"}
+
+
+def missing_plugin(cfg: DictConfig) -> str | None:
+    """The one line for a chosen launcher/sweeper whose plugin (an optional extra) is not installed."""
+    from importlib.util import find_spec
+
+    for node in ("launcher", "sweeper"):
+        target = str(OmegaConf.select(cfg, f"hydra.{node}._target_", default="") or "")
+        for module, extra in PLUGIN_EXTRAS.items():
+            if target.startswith(module) and find_spec(module) is None:
+                return (f"hydra.{node} {target.rsplit('.', 1)[-1]} needs the '{extra}' extra: "
+                        f"pip install \"mtlsparse[{extra}]\"")
     return None
 
 

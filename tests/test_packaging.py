@@ -103,3 +103,19 @@ def test_command_line_mistakes_are_one_line_with_exit_2(user):
         assert proc.returncode == 2, (args, proc.stderr)
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and needle in lines[0], (args, proc.stderr)
+
+
+def test_a_launcher_whose_extra_is_missing_names_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    from mtlsparse import cli
+    from mtlsparse.config import compose_config
+
+    cfg = compose_config(["hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}"])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("hydra_plugins.hydra_submitit") else real(name, *a))
+    message = cli.missing_plugin(cfg)
+    assert message == "hydra.launcher SlurmLauncher needs the 'slurm' extra: pip install \"mtlsparse[slurm]\""
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    assert cli.missing_plugin(cfg) is None
