@@ -65,6 +65,7 @@ from torch_pruning._helpers import GroupItem, _HybridIndex
 from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.dependency import Dependency
 
+from mtlsparse.builders import build_run_model
 from mtlsparse.io import write_json
 from mtlsparse.latency import count_flops, latency_spread_ms, measurable_difference
 from mtlsparse.sparsity.layers import group_norms
@@ -621,15 +622,6 @@ def load_compact(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     shrink_to_(model, saved["state_dict"])
     model.load_state_dict(saved["state_dict"], strict=True)
     return model.eval()
-
-
-def build_run_model(cfg: DictConfig) -> tuple[nn.Module, tuple[int, ...]]:
-    """The run's (dense) model, built exactly as training builds it, and its input shape (no data is loaded)."""
-    from mtlsparse.config import build
-    from mtlsparse.train import build_model  # late: train imports this module
-
-    datamodule = build(cfg, "dataset")
-    return build_model(cfg, datamodule), tuple(datamodule.input_shape)
 
 
 # ------------------------------------------------------------------ export of a model / run

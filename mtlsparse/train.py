@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,21 +14,18 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from mtlsparse.config import apply_preference, build, check_task_count, validate_knobs, warn_unused_knobs
+# ECHOED_GROUPS and build_model are imported from here by tests and user code
+from mtlsparse.builders import ECHOED_GROUPS, build_model, build_module, build_trainer, group_choices  # noqa: F401
+from mtlsparse.config import apply_preference, build, validate_knobs, warn_unused_knobs
 from mtlsparse.errors import ConfigError, DataError, MissingDataError
 from mtlsparse.export import export_after_training
 from mtlsparse.io import environment, write_json
 from mtlsparse.metrics.sparsity import matrix_weights, param_counts, row_metrics
-from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.module import MultiTaskModule
-from mtlsparse.rank_check import RankConsistencyCheck
 from mtlsparse.resume import plan_run, record_job
 from mtlsparse.run_dir import RunDir, detach_file_logs
 from mtlsparse.sparsity.layer_report import write_layer_report
@@ -37,7 +33,6 @@ from mtlsparse.sparsity.mask_analysis import write_mask_report
 
 log = logging.getLogger("mtlsparse")
 ECHOED_KNOBS = ("k0", "k", "lam", "sparsity", "seed")
-ECHOED_GROUPS = ("dataset", "model", "balancer", "method")
 
 
 def route_lightning_logs_through_hydra() -> None:
@@ -46,86 +41,6 @@ def route_lightning_logs_through_hydra() -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
-
-
-def group_choices(cfg: DictConfig) -> dict[str, str]:
-    """Names of the chosen config-group options (e.g. method → 'group_lasso')."""
-    if HydraConfig.initialized():
-        choices = HydraConfig.get().runtime.choices
-    else:
-        choices = OmegaConf.select(cfg, "hydra.runtime.choices", default={}) or {}
-    return {g: str(choices.get(g)) for g in ECHOED_GROUPS}
-
-
-def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> MultiTaskModel:
-    """The model, sized from the dataset's tasks and input shape (also rebuilt this way by export)."""
-    return build(cfg, "model", tasks=datamodule.tasks, in_shape=datamodule.input_shape)
-
-
-def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> MultiTaskModule:
-    """Instantiate model, balancer and sparsity method around the dataset's tasks."""
-    tasks = list(datamodule.tasks)
-    check_task_count(cfg, tasks)
-    model = build_model(cfg, datamodule)
-    balancer = build(cfg, "balancer", tasks=tasks)
-    method = build(cfg, "method")
-    method.set_budget(cfg.trainer.max_epochs)  # fractions of the run → epochs; unreachable epochs fail here
-    optimizer = build(cfg, "optimizer")
-    scheduler = build(cfg, "scheduler") if cfg.get("scheduler") else None
-    probe_optimizer(cfg, optimizer, scheduler)
-    module = MultiTaskModule(model, balancer, method, optimizer, scheduler, min_sparsity=cfg.min_sparsity,
-                             reference=getattr(datamodule, "reference", None))
-    if cfg.k0 != 0 and method.penalty() is None:
-        log.warning("k0=%s has no effect: method=%s has no sparsity objective for the balancer to weigh "
-                    "(group_lasso, l1 and growl have one)", cfg.k0, group_choices(cfg)["method"])
-    return module
-
-
-def probe_optimizer(cfg: DictConfig, optimizer: Callable, scheduler: Callable | None) -> None:
-    """Make the optimizer (and scheduler) once on a dummy parameter: torch checks lr, betas, ...
-
-    only when one is made, which would otherwise be at the first training step, after the data.
-    """
-    group = "optimizer"
-    try:
-        made = optimizer([torch.nn.Parameter(torch.zeros(1))])
-        group = "scheduler"
-        if scheduler is not None:
-            scheduler(made)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"bad value in '{group}' ({cfg[group].get('_target_')}): {err}") from err
-
-
-def build_trainer(cfg: DictConfig, run_dir: Path, log_version: str = "") -> tuple[L.Trainer, ModelCheckpoint]:
-    """Lightning Trainer from `cfg.trainer`, with checkpointing, CSV logs and a rich progress bar.
-
-    CSV logs go to `logs/metrics.csv`; a resumed run logs to `logs/<log_version>/` so the
-    interrupted attempt's log is kept.
-    """
-    checkpoints = RunDir(run_dir).checkpoint_dir
-    checkpoint = ModelCheckpoint(dirpath=checkpoints, monitor="val/select", mode="max",
-                                 save_top_k=1, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False)
-    # every epoch end, whatever the score (save_last only fires together with a top-k save): what resume reads
-    latest = ModelCheckpoint(dirpath=checkpoints, save_top_k=1, filename="last", enable_version_counter=False)
-    callbacks: list[L.Callback] = [checkpoint, latest, RankConsistencyCheck()]
-    if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(RichProgressBar(leave=False))
-    loggers: list = [CSVLogger(str(run_dir), name="logs", version=log_version)]  # always: report reads it
-    extra = {key: [instantiate(node) for node in _as_list(cfg.trainer.get(key))] for key in ("callbacks", "logger")}
-    trainer_cfg = OmegaConf.masked_copy(cfg, ["trainer"])
-    with open_dict(trainer_cfg):
-        trainer_cfg.trainer.pop("callbacks", None)
-        trainer_cfg.trainer.pop("logger", None)
-    trainer = build(trainer_cfg, "trainer", callbacks=callbacks + extra["callbacks"], default_root_dir=str(run_dir),
-                    logger=loggers + extra["logger"])
-    return trainer, checkpoint
-
-
-def _as_list(value: Any) -> list:
-    """A config node or list of nodes (the user's trainer.callbacks / trainer.logger) as a list."""
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, ListConfig)) else [value]
 
 
 def final_metrics(cfg: DictConfig, module: MultiTaskModule, test_results: dict[str, float],
