@@ -24,11 +24,17 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = ".hydra"
+CONFIG_FILE = "config.yaml"
+OVERRIDES_FILE = "overrides.yaml"
 JOB_FILE = "job.json"
 ENVIRONMENT_FILE = "environment.json"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
+BEST_CHECKPOINTS = "best-*.ckpt"
+COMPACT_FILE = "compact_model.pt"
+#: prefix of the model's weights in a Lightning checkpoint of MultiTaskModule (its attribute `model`)
+MODEL_PREFIX = "model."
 ATTEMPTS_DIR = "attempts"
 #: what a dead attempt leaves besides checkpoints/metrics: moved to attempts/N/ before a new start
 ATTEMPT_FILES = (CONFIG_DIR, JOB_FILE, ENVIRONMENT_FILE, "logs", "*.log", "mask_report.json", "layer_report.json")
@@ -39,6 +45,25 @@ class RunDir:
     """Paths of one run dir; the only place that spells out its file names."""
 
     path: Path
+
+    @property
+    def config_dir(self) -> Path:
+        return self.path / CONFIG_DIR
+
+    @property
+    def config_file(self) -> Path:
+        """`.hydra/config.yaml`: the composed config, what export rebuilds the model from."""
+        return self.config_dir / CONFIG_FILE
+
+    @property
+    def overrides_file(self) -> Path:
+        """`.hydra/overrides.yaml`: the task overrides, what report reads the swept knobs from."""
+        return self.config_dir / OVERRIDES_FILE
+
+    @property
+    def compact_model(self) -> Path:
+        """`compact_model.pt`, written by export."""
+        return self.path / COMPACT_FILE
 
     @property
     def job_file(self) -> Path:
@@ -63,6 +88,18 @@ class RunDir:
     def checkpoints(self) -> list[Path]:
         """Every checkpoint file the run kept."""
         return sorted(self.checkpoint_dir.glob("*.ckpt")) if self.checkpoint_dir.is_dir() else []
+
+    def best_checkpoints(self) -> list[Path]:
+        """The val/select checkpoints (`best-epochNNN.ckpt`), by name: the zero-padded epoch."""
+        return sorted(self.checkpoint_dir.glob(BEST_CHECKPOINTS))
+
+    def log_files(self) -> list[Path]:
+        """The job logs (`*.log`) at the top of the dir."""
+        return sorted(self.path.glob("*.log"))
+
+    def is_job(self) -> bool:
+        """A `.hydra/` or a metrics.json: a job dir (what report collects), finished or not."""
+        return self.config_dir.is_dir() or self.metrics_file.is_file()
 
     def holds_results(self) -> bool:
         """A checkpoint or a metrics.json: work that a re-run must never overwrite."""

@@ -17,10 +17,11 @@ from torch import Tensor, nn
 
 from mtlsparse.models.hps import SharedTrunkModel
 from mtlsparse.models.lenet import lenet_trunk
+from mtlsparse.run_dir import MODEL_PREFIX
 from mtlsparse.tasks import Task
 
 log = logging.getLogger(__name__)
-STL_TRUNK_PREFIX = "model.trunks."
+STL_TRUNK_PREFIX = f"{MODEL_PREFIX}trunks."  # an STL run's per-task trunks in its checkpoint
 
 
 def teachers_missing_error() -> ValueError:
