@@ -22,6 +22,7 @@ from mtlsparse.config import CONF_DIR, ConfigError, build
 from mtlsparse.models import HPS, STL, CrossStitch, MMoE
 from mtlsparse.sparsity.layers import group_norms, prunable_layers
 from mtlsparse.sparsity.masks import mask_of
+from mtlsparse.sparsity.scope import Scope
 from mtlsparse.tasks import Task
 from mtlsparse.train import build_module, run
 
@@ -431,7 +432,7 @@ def test_sparsity_layers_of_new_models_exclude_input_layers_and_heads(cls):
     assert layers == convs_and_fcs - inputs - heads
     expected_inputs = 2 if cls is CrossStitch else 3 + 2  # first conv per column / per expert (+ gates)
     assert len(inputs) == expected_inputs
-    with_inputs = {id(layer.module) for layer in prunable_layers(model, include_input_layers=True)}
+    with_inputs = {id(layer.module) for layer in prunable_layers(model, Scope(input_layers=True))}
     assert inputs <= with_inputs and not with_inputs & heads
 
 

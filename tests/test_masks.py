@@ -175,7 +175,7 @@ def test_global_allocation_keeps_the_top_scores_across_layers():
 
 
 def test_layer_tasks_know_shared_and_task_specific_layers():
-    method, hps = attach(MaskedMethod(include_heads=True))
+    method, hps = attach(MaskedMethod(scope={"heads": True}))
     assert layer_tasks(hps, method.layers) == [("t0", "t1"), ("t0", "t1"), ("t0",), ("t1",)]
     method, stl = attach(MaskedMethod(), hps_model(model=STL))
     assert layer_tasks(stl, method.layers) == [("t0",), ("t0",), ("t1",), ("t1",)]

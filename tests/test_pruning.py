@@ -135,7 +135,7 @@ def test_union_topk_keeps_what_any_task_keeps_at_one_keep_ratio():
 
 def test_disparse_static_union_semantics_on_known_scores():
     """Shared weights: kept iff any task keeps them; heads: their own task's mask."""
-    method, _ = attach(DiSparseStatic(sparsity=0.5, include_heads=True))
+    method, _ = attach(DiSparseStatic(sparsity=0.5, scope={"heads": True}))
     gen = torch.Generator().manual_seed(0)
     shapes = [layer.weight.shape for layer in method.layers]  # conv, fc (shared), head t0, head t1
     scores = {t: [torch.rand(s, generator=gen) for s in shapes] for t in TASKS}

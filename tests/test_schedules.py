@@ -19,6 +19,7 @@ from mtlsparse.sparsity.group_lasso import GroupLasso
 from mtlsparse.sparsity.growl import GrOWL
 from mtlsparse.sparsity.l1 import L1
 from mtlsparse.sparsity.magnitude import Magnitude
+from mtlsparse.sparsity.masks import MaskedMethod
 from mtlsparse.sparsity.reweighted_l1 import ReweightedL1
 from mtlsparse.train import run
 
@@ -35,7 +36,7 @@ def method_class(name: str) -> type:
 
 
 #: every option of conf/method that prunes or trains sparse to a target
-TARGETED = sorted(p.stem for p in METHOD_DIR.glob("*.yaml") if method_class(p.stem).family in ("prune", "dst"))
+TARGETED = sorted(p.stem for p in METHOD_DIR.glob("*.yaml") if issubclass(method_class(p.stem), MaskedMethod))
 budgets = st.integers(min_value=1, max_value=400)
 fractions = st.floats(min_value=0.0, max_value=1.0)
 FAST = settings(max_examples=60, deadline=None)

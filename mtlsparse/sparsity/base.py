@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.layers import PrunableLayer, prunable_layers
+from mtlsparse.sparsity.scope import Scope, ScopeLike
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning as L
@@ -21,17 +22,14 @@ if TYPE_CHECKING:  # pragma: no cover
 class SparsityMethod(nn.Module):
     """Base class; the default hooks do nothing (that is the `dense` method)."""
 
-    #: families: "dense", "prox" (regularise + prox), "prune" (prune + finetune), "dst" (dynamic)
-    family = "dense"
     #: True when the structure the method creates is channel groups (drives export)
     structured = False
     #: % sparsity/param an epoch needs to be selected as best checkpoint (GrOWL's s_min)
     min_sparsity = 0.0
 
-    def __init__(self, include_input_layers: bool = False, include_heads: bool = False) -> None:
+    def __init__(self, scope: ScopeLike = None) -> None:
         super().__init__()
-        self.include_input_layers = include_input_layers
-        self.include_heads = include_heads
+        self.scope = Scope.of(scope)  # the layers beyond the shared trunk it acts on (conf: `scope`)
         self._layers: list[PrunableLayer] = []
         self.budget_set = False
 
@@ -51,7 +49,7 @@ class SparsityMethod(nn.Module):
 
     def setup(self, model: MultiTaskModel) -> None:
         """Bind to the model: find the layers this method acts on."""
-        self._layers = prunable_layers(model, self.include_input_layers, self.include_heads)
+        self._layers = prunable_layers(model, self.scope)
 
     @property
     def layers(self) -> list[PrunableLayer]:

@@ -40,6 +40,7 @@ from mtlsparse.sparsity.budget import check_epoch, check_fraction, finite_budget
 from mtlsparse.sparsity.layers import PrunableLayer
 from mtlsparse.sparsity.masks import MaskedMethod, TaskMasks, apply_masks_, layer_tasks, mask_of, set_mask_, topk_mask
 from mtlsparse.sparsity.schedules import cosine_fraction
+from mtlsparse.sparsity.scope import ScopeLike
 from mtlsparse.sparsity.snip import task_gradient_magnitudes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,11 +77,8 @@ def gradient_magnitudes(layers: Sequence[PrunableLayer]) -> list[Tensor]:
 class DynamicSparse(MaskedMethod):
     """Constant-sparsity training from random masks; subclasses say when to rewire and how to score regrowth."""
 
-    family = "dst"
-
-    def __init__(self, sparsity: float = 0.0, init: str = "erk", seed: int = 0, include_input_layers: bool = False,
-                 include_heads: bool = False) -> None:
-        super().__init__(sparsity, include_input_layers, include_heads)
+    def __init__(self, sparsity: float = 0.0, init: str = "erk", seed: int = 0, scope: ScopeLike = None) -> None:
+        super().__init__(sparsity, scope)
         self.init = check_allocation(init, LAYERWISE)
         self.seed = seed
         self.register_buffer("steps", torch.tensor(0))
@@ -120,8 +118,8 @@ class ScheduledDST(DynamicSparse):
 
     def __init__(self, sparsity: float = 0.0, drop_fraction: float = 0.3, update_interval: int = 100,
                  end_step: int | None = None, end_fraction: float = 0.75, init: str = "erk", seed: int = 0,
-                 include_input_layers: bool = False, include_heads: bool = False) -> None:
-        super().__init__(sparsity, init, seed, include_input_layers, include_heads)
+                 scope: ScopeLike = None) -> None:
+        super().__init__(sparsity, init, seed, scope)
         if not 0 <= drop_fraction <= 1 or update_interval < 1 or not 0 <= end_fraction <= 1:
             raise ValueError("need method.drop_fraction in [0, 1], method.update_interval >= 1, method.end_fraction "
                              f"in [0, 1], got {drop_fraction}, {update_interval}, {end_fraction}")
@@ -187,9 +185,8 @@ class DiSparseDynamic(ScheduledDST):
 
     def __init__(self, sparsity: float = 0.0, drop_fraction: float = 0.5, update_interval: int = 100,
                  end_step: int | None = None, end_fraction: float = 0.75, num_batches: int = 1, init: str = "erk",
-                 seed: int = 0, include_input_layers: bool = False, include_heads: bool = False) -> None:
-        super().__init__(sparsity, drop_fraction, update_interval, end_step, end_fraction, init, seed,
-                         include_input_layers, include_heads)
+                 seed: int = 0, scope: ScopeLike = None) -> None:
+        super().__init__(sparsity, drop_fraction, update_interval, end_step, end_fraction, init, seed, scope)
         if num_batches < 1:
             raise ValueError(f"method.num_batches must be >= 1, got {num_batches}")
         self.num_batches = num_batches
@@ -231,8 +228,8 @@ class MinMaxDST(DynamicSparse):
 
     def __init__(self, sparsity: float = 0.0, regrow_fraction: float = 0.1, update_every: int = 2,
                  end_fraction: float = 0.7333, end_epoch: int | None = None, init: str = "erk", seed: int = 0,
-                 include_input_layers: bool = False, include_heads: bool = False) -> None:
-        super().__init__(sparsity, init, seed, include_input_layers, include_heads)
+                 scope: ScopeLike = None) -> None:
+        super().__init__(sparsity, init, seed, scope)
         if not 0 <= regrow_fraction <= 1 or update_every < 1:
             raise ValueError("need method.regrow_fraction in [0, 1] and method.update_every >= 1, "
                              f"got {regrow_fraction}, {update_every}")

@@ -23,6 +23,7 @@ from mtlsparse.sparsity.layers import group_norms
 from mtlsparse.sparsity.norm_coupling import NormCoupling, stack_groups
 from mtlsparse.sparsity.prox import group_prox_, group_prox_metric_
 from mtlsparse.sparsity.prox_method import ProxMethod
+from mtlsparse.sparsity.scope import ScopeLike
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning as L
@@ -46,9 +47,9 @@ class GroupLasso(NormCoupling, ProxMethod):
     structured = True
 
     def __init__(self, lam: float = 0.0, prox: str = "adam", finetune_fraction: float = 0.0,
-                 finetune_epochs: int | None = None, include_input_layers: bool = False,
-                 include_heads: bool = False, couple_norms: bool = False) -> None:
-        super().__init__(lam, finetune_fraction, finetune_epochs, include_input_layers, include_heads)
+                 finetune_epochs: int | None = None, scope: ScopeLike = None,
+                 couple_norms: bool = False) -> None:
+        super().__init__(lam, finetune_fraction, finetune_epochs, scope)
         if prox not in PROX_VARIANTS:
             raise ValueError(f"method.prox must be one of {PROX_VARIANTS}, got '{prox}'")
         self.prox = prox

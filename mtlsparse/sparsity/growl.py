@@ -41,6 +41,7 @@ from mtlsparse.sparsity.budget import epoch_count, finite_budget
 from mtlsparse.sparsity.layers import PrunableLayer, group_norms, group_shape
 from mtlsparse.sparsity.norm_coupling import NormCoupling
 from mtlsparse.sparsity.owl import cap_zero_rows_, growl_prox_, owl_value, spike_weights
+from mtlsparse.sparsity.scope import ScopeLike
 from mtlsparse.sparsity.tying import ZERO_ROW, cluster_rows, tie_rows_, zero_rows_
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,14 +58,13 @@ def cluster_buffer_name(layer_name: str) -> str:
 class GrOWL(NormCoupling, SparsityMethod):
     """GrOWL-Spike prox with a growing per-layer cap (phase 1), then affinity-propagation tying (phase 2)."""
 
-    family = "prox"
     structured = True
 
     def __init__(self, lam: float = 1.0, beta1: float = 0.8, beta2: float = 0.2, epochs_per_iteration: int = 3,
                  phase1_iterations: int = 3, phase2_iterations: int = 10, phase1_epochs: int | None = None,
-                 s_lmax: float = 0.8, s_min: float = 0.2, preference: float = 0.7, include_input_layers: bool = False,
-                 include_heads: bool = False, couple_norms: bool = False) -> None:
-        super().__init__(include_input_layers, include_heads)
+                 s_lmax: float = 0.8, s_min: float = 0.2, preference: float = 0.7,
+                 scope: ScopeLike = None, couple_norms: bool = False) -> None:
+        super().__init__(scope)
         for key, value, ok, allowed in (
                 ("lam", lam, lam >= 0, ">= 0"), ("beta1", beta1, beta1 >= 0, ">= 0"),
                 ("beta2", beta2, beta2 >= 0, ">= 0"),

@@ -1,6 +1,6 @@
 """Which weights a sparsity method acts on, and how they split into channel groups.
 
-A *group* (METHODS.md §1–2) is everything connected to one input neuron/channel:
+A *group* (docs/methods/group_lasso.md) is everything connected to one input neuron/channel:
 column W[:, i] of a Linear (out, in) weight, slice W[:, i, :, :] of a Conv weight
 (out, in, kh, kw). `group_view` exposes a weight as (in, rest) without mixing output
 filters (the reference code's `weight.view(in_ch, -1)` bug).
@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlsparse.models.base import MultiTaskModel
+from mtlsparse.sparsity.scope import Scope
 
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
 
@@ -53,19 +54,19 @@ def group_shape(weight: Tensor) -> tuple[int, ...]:
     return (1, weight.shape[1]) + (1,) * (weight.dim() - 2)
 
 
-def prunable_layers(model: MultiTaskModel, include_input_layers: bool = False,
-                    include_heads: bool = False) -> list[PrunableLayer]:
-    """Conv/linear layers of the model's backbones (optionally input layers and heads).
+def prunable_layers(model: MultiTaskModel, scope: Scope | None = None) -> list[PrunableLayer]:
+    """Conv/linear layers of the model's backbones (plus input layers and heads when `scope` says so).
 
     Names are the modules' qualified names in `model`, so they are stable across
     checkpoints and identical on every DDP rank.
     """
+    scope = scope or Scope()
     chosen: set[int] = set()
     for root in model.backbone_modules():
         chosen |= {id(m) for m in root.modules() if isinstance(m, PRUNABLE_TYPES)}
-    if not include_input_layers:
+    if not scope.input_layers:
         chosen -= {id(m) for m in model.input_layers()}
-    if include_heads:
+    if scope.heads:
         for head in model.head_modules():
             chosen |= {id(m) for m in head.modules() if isinstance(m, PRUNABLE_TYPES)}
     else:

@@ -17,6 +17,7 @@ from mtlsparse.sparsity.allocation import check_allocation, score_masks
 from mtlsparse.sparsity.budget import check_epoch, check_fraction, finite_budget, resolve_point
 from mtlsparse.sparsity.masks import MaskedMethod, mask_of
 from mtlsparse.sparsity.schedules import gradual_sparsity
+from mtlsparse.sparsity.scope import ScopeLike
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning as L
@@ -42,13 +43,11 @@ class Magnitude(MaskedMethod):
     and must lie within the run. Defaults: at 30 epochs, epoch 9 (one-shot), 2..19 (gradual).
     """
 
-    family = "prune"
-
     def __init__(self, sparsity: float = 0.0, schedule: str = "oneshot", prune_fraction: float = 0.3333,
                  prune_epoch: int | None = None, start_fraction: float = 0.1, start_epoch: int | None = None,
                  end_fraction: float = 0.6667, end_epoch: int | None = None, allocation: str = "global",
-                 include_input_layers: bool = False, include_heads: bool = False) -> None:
-        super().__init__(sparsity, include_input_layers, include_heads)
+                 scope: ScopeLike = None) -> None:
+        super().__init__(sparsity, scope)
         if schedule not in SCHEDULES:
             raise ValueError(f"method.schedule must be one of {SCHEDULES}, got '{schedule}'")
         self.schedule = schedule

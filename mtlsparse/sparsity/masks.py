@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.base import SparsityMethod
 from mtlsparse.sparsity.layers import PrunableLayer
+from mtlsparse.sparsity.scope import ScopeLike
 
 MASK = "weight_mask"
 #: checkpoints below target − this many points of sparsity/param never count as best
@@ -109,9 +110,8 @@ class MaskedMethod(SparsityMethod):
     sparsity is below the target (e.g. dense pretraining) never count as best checkpoint.
     """
 
-    def __init__(self, sparsity: float = 0.0, include_input_layers: bool = False,
-                 include_heads: bool = False) -> None:
-        super().__init__(include_input_layers, include_heads)
+    def __init__(self, sparsity: float = 0.0, scope: ScopeLike = None) -> None:
+        super().__init__(scope)
         if not 0 <= sparsity < 1:
             raise ValueError(f"method.sparsity must be in [0, 1), got {sparsity}")
         self.sparsity = float(sparsity)

@@ -20,6 +20,7 @@ from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.base import SparsityMethod
 from mtlsparse.sparsity.budget import check_epoch, check_fraction, epoch_count, finite_budget, needs_budget
 from mtlsparse.sparsity.masks import add_mask, apply_masks_, mask_of, set_mask_
+from mtlsparse.sparsity.scope import ScopeLike
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning as L
@@ -28,11 +29,9 @@ if TYPE_CHECKING:  # pragma: no cover
 class ProxMethod(SparsityMethod):
     """Base class: subclasses implement `prox_(optimizer)`; the refit schedule lives here."""
 
-    family = "prox"
-
     def __init__(self, lam: float = 0.0, finetune_fraction: float = 0.0, finetune_epochs: int | None = None,
-                 include_input_layers: bool = False, include_heads: bool = False) -> None:
-        super().__init__(include_input_layers, include_heads)
+                 scope: ScopeLike = None) -> None:
+        super().__init__(scope)
         if lam < 0:
             raise ValueError(f"method.lam must be >= 0, got {lam}")
         self.lam = float(lam)

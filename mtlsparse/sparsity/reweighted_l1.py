@@ -27,6 +27,7 @@ from mtlsparse.sparsity.budget import check_epoch, check_fraction, epoch_count, 
 from mtlsparse.sparsity.magnitude import magnitude_prune_
 from mtlsparse.sparsity.masks import MaskedMethod
 from mtlsparse.sparsity.prox import soft_threshold_
+from mtlsparse.sparsity.scope import ScopeLike
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning as L
@@ -37,13 +38,11 @@ STAGES = ("pretrain", "reweight", "retrain")
 class ReweightedL1(MaskedMethod):
     """Guo et al.'s reweighted-ℓ1 pruning pipeline; stage boundaries at epoch ends."""
 
-    family = "prune"
-
     def __init__(self, sparsity: float = 0.0, c: float = 1e-7, delta: float = 1e-6, pretrain_fraction: float = 0.1667,
                  pretrain_epochs: int | None = None, reweight_fraction: float = 0.3333,
                  reweight_epochs: int | None = None, refresh_every: int = 2, allocation: str = "uniform",
-                 include_input_layers: bool = False, include_heads: bool = False) -> None:
-        super().__init__(sparsity, include_input_layers, include_heads)
+                 scope: ScopeLike = None) -> None:
+        super().__init__(sparsity, scope)
         if c < 0 or delta <= 0:
             raise ValueError(f"need method.c >= 0 and method.delta > 0, got c={c}, delta={delta}")
         if refresh_every < 1:

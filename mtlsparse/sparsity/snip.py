@@ -21,6 +21,7 @@ from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.allocation import global_masks, union_topk
 from mtlsparse.sparsity.layers import PrunableLayer
 from mtlsparse.sparsity.masks import MaskedMethod, TaskMasks, layer_tasks, topk_mask
+from mtlsparse.sparsity.scope import ScopeLike
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning as L
@@ -65,11 +66,8 @@ def split_like(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
 class SNIP(MaskedMethod):
     """SNIP (Lee et al.) on the multi-task loss: keep the global top Σ_t |w ⊙ ∂L_t/∂w| before training."""
 
-    family = "prune"
-
-    def __init__(self, sparsity: float = 0.0, num_batches: int = 1, include_input_layers: bool = False,
-                 include_heads: bool = False) -> None:
-        super().__init__(sparsity, include_input_layers, include_heads)
+    def __init__(self, sparsity: float = 0.0, num_batches: int = 1, scope: ScopeLike = None) -> None:
+        super().__init__(sparsity, scope)
         if num_batches < 1:
             raise ValueError(f"method.num_batches must be >= 1, got {num_batches}")
         self.num_batches = num_batches
@@ -115,9 +113,8 @@ class DiSparseStatic(SNIP):
     `keep_ratio` (the per-task share q each task keeps) is found so the union hits the target.
     """
 
-    def __init__(self, sparsity: float = 0.0, num_batches: int = 1, include_input_layers: bool = False,
-                 include_heads: bool = False) -> None:
-        super().__init__(sparsity, num_batches, include_input_layers, include_heads)
+    def __init__(self, sparsity: float = 0.0, num_batches: int = 1, scope: ScopeLike = None) -> None:
+        super().__init__(sparsity, num_batches, scope)
         self.register_buffer("keep_ratio", torch.tensor(1.0, dtype=torch.float64))
 
     def select(self, scores: dict[str, list[Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
