@@ -458,7 +458,7 @@ def test_mmoe_mixture_is_gate_weighted_sum_of_experts():
 @pytest.mark.parametrize("alias", ALIASES)
 def test_alias_configs_are_jd_with_their_aggregator(alias):
     node = compose_cfg([f"balancer={alias}"]).balancer
-    assert node._target_ == "mtlsparse.balancers.JD" and node.aggregator == alias and node.mode == "params"
+    assert node._target_ == "mtlsparse.balancers.jd.JD" and node.aggregator == alias and node.mode == "params"
     jd = compose_cfg(["balancer=jd", f"balancer.aggregator={alias}"]).balancer
     assert jd.aggregator == alias
 
