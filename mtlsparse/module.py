@@ -71,9 +71,10 @@ class MultiTaskModule(L.LightningModule):
 
     # ----------------------------------------------------------------- steps
     def _outputs(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Task outputs, and the shared representation z when the balancer differentiates w.r.t. it."""
         if self.balancer.needs_representation:
-            rep = self.model.shared_representation(x)
-            return self.model.decode(rep), rep
+            z = self.model.encode(x)
+            return self.model.decode(z), z
         return self.model(x), None
 
     def _losses(self, out: dict[str, Tensor], y: dict[str, Tensor]) -> dict[str, Tensor]:

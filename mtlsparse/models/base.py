@@ -4,6 +4,12 @@
 task-specific parameters (MGDA, gradient surgery), and sparsity methods need to know
 which layers form the feature extractor they may sparsify and which layers read the
 raw input (those are excluded by default, as in the papers).
+
+A model whose tasks see the input only through one shared tensor z declares
+`has_representation = True` and splits its forward into `encode(x) -> z` and
+`decode(z) -> outputs`; gradient balancers in `mode=representation` (MGDA-UB) then
+differentiate w.r.t. z. Anything a model computes besides the outputs (an auxiliary
+loss) belongs in `encode`, so both paths compute it.
 """
 from __future__ import annotations
 
@@ -16,12 +22,27 @@ from mtlsparse.tasks import Task
 
 
 class MultiTaskModel(nn.Module):
-    """Base class: subclasses set `self.tasks` and implement `forward`."""
+    """Base class: subclasses set `self.tasks` and either implement `encode`/`decode` or override `forward`."""
 
     tasks: dict[str, Task]
+    #: whether `forward(x)` is `decode(encode(x))` with a shared representation z every task reads
+    has_representation: bool = False
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def encode(self, x: Tensor) -> Tensor:
+        """The shared representation z of `x`: every task's output depends on `x` only through z."""
+        raise NotImplementedError(f"{type(self).__name__} has no shared representation (has_representation=False)")
+
+    def decode(self, z: Tensor) -> dict[str, Tensor]:
+        """One output per task from the shared representation z."""
+        raise NotImplementedError(f"{type(self).__name__} has no shared representation (has_representation=False)")
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """`decode ∘ encode`; models without a shared representation override it."""
+        return self.decode(self.encode(x))
+
+    def shared_representation(self, x: Tensor) -> Tensor:
+        """Former name of `encode`, kept for callers written before the contract had it."""
+        return self.encode(x)
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters every task's loss depends on."""

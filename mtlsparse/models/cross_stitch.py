@@ -35,6 +35,8 @@ def stitch_init(tasks: Sequence[str], task: str, self_weight: float) -> Tensor:
 class CrossStitch(MultiTaskModel):
     """One LeNet column per task (same knobs as HPS), cross-stitch units after every stage, linear heads."""
 
+    has_representation = True
+
     def __init__(self, tasks: dict[str, Task], in_shape: Sequence[int], channels: Sequence[int] = (10, 20),
                  hidden: int = 50, kernel_size: int = 5, batch_norm: bool = False,
                  self_weight: float = 0.9) -> None:
@@ -56,7 +58,7 @@ class CrossStitch(MultiTaskModel):
         """Cross-stitch unit: features [B, m, ...] of all columns → each task's mixture Σ_s α_ts x_s."""
         return {name: torch.tensordot(alpha, features, dims=([0], [1])) for name, alpha in stitch.items()}
 
-    def shared_representation(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor) -> Tensor:
         """The columns' last-stage outputs, stacked [B, m, hidden]: every task depends on all of it."""
         h = {name: x for name in self.tasks}
         for index, stage in enumerate(self._stages):
@@ -70,9 +72,6 @@ class CrossStitch(MultiTaskModel):
         """Last cross-stitch unit, then each task's head."""
         mixed = self.stitch(self.stitches[-1], z)
         return {name: self.heads[name](mixed[name]) for name in self.tasks}
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return self.decode(self.shared_representation(x))
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         for stitch in self.stitches[:-1]:

@@ -180,7 +180,7 @@ class DeepLabResNet(SharedTrunkModel):
         self.trunk_per_task = trunk_per_task
         self._input_size: tuple[int, int] | None = None
 
-    def shared_representation(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor) -> Tensor:
         """Trunk features (stride `output_stride`); remembers the input size for `decode`."""
         self._input_size = (x.shape[-2], x.shape[-1])
         return self.trunk(x)
@@ -189,7 +189,7 @@ class DeepLabResNet(SharedTrunkModel):
         """Every head on the shared features; dense outputs upsampled to `size` (default: the last input's)."""
         size = size or self._input_size
         if size is None:
-            raise RuntimeError("decode(z) needs the input size: pass size= or call shared_representation(x) first")
+            raise RuntimeError("decode(z) needs the input size: pass size= or call encode(x) first")
         return {name: self._head(name, z, size) for name in self.heads}
 
     def _head(self, name: str, z: Tensor, size: tuple[int, int]) -> Tensor:
@@ -199,5 +199,5 @@ class DeepLabResNet(SharedTrunkModel):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         size = (x.shape[-2], x.shape[-1])
         if self.trunk_per_task:  # the reference design: same outputs, the trunk's cost once per task
-            return {name: self._head(name, self.shared_representation(x), size) for name in self.heads}
-        return self.decode(self.shared_representation(x), size)
+            return {name: self._head(name, self.encode(x), size) for name in self.heads}
+        return self.decode(self.encode(x), size)

@@ -13,22 +13,21 @@ from mtlsparse.tasks import Task
 class SharedTrunkModel(MultiTaskModel):
     """Hard parameter sharing around any trunk: `trunk(x)` features feed one head per task."""
 
+    has_representation = True
+
     def __init__(self, tasks: dict[str, Task], trunk: nn.Module, heads: dict[str, nn.Module]) -> None:
         super().__init__()
         self.tasks = dict(tasks)
         self.trunk = trunk
         self.heads = nn.ModuleDict(heads)
 
-    def shared_representation(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor) -> Tensor:
         """Trunk features z shared by all heads (MGDA-UB differentiates w.r.t. these)."""
         return self.trunk(x)
 
     def decode(self, z: Tensor) -> dict[str, Tensor]:
         """Apply every task head to the shared representation."""
         return {name: head(z) for name, head in self.heads.items()}
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return self.decode(self.shared_representation(x))
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         return self.trunk.parameters()

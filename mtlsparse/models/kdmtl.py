@@ -59,8 +59,8 @@ class KDMTL(SharedTrunkModel):
     """HPS LeNet + per-task adaptors distilled from frozen STL teachers.
 
     `auxiliary_loss()` = kd_weight · Σ_t mean_batch ‖n(A_t(f)) − n(f_t^teacher)‖², n = L2
-    normalisation, computed with the shared features while training (in `forward` and in
-    `shared_representation`, whichever the balancer's mode uses); its gradient reaches the trunk
+    normalisation, computed with the shared features while training (in `encode`, so by
+    `forward` and by the balancer's representation mode alike); its gradient reaches the trunk
     and the adaptors (the reference code detached it). Teachers are frozen, in eval mode
     and deliberately *not* submodules: they are absent from `parameters()` (so from the
     optimizer, sparsity methods, parameter counts and this model's `state_dict`).
@@ -105,18 +105,15 @@ class KDMTL(SharedTrunkModel):
             loss = loss + diff.square().sum(dim=1).mean()
         return self.kd_weight * loss
 
-    def shared_representation(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor) -> Tensor:
         """Shared features; while training also the distillation term of this batch.
 
-        Computed here rather than in `forward`, so balancers that call
-        `shared_representation`/`decode` themselves (mode=representation) get it too.
+        Computed here rather than in `forward`, so callers that run `encode`/`decode`
+        themselves (mode=representation) get it too.
         """
         shared = self.trunk(x)
         self._aux = self.distillation_loss(x, shared) if self.training else None
         return shared
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return self.decode(self.shared_representation(x))
 
     def auxiliary_loss(self) -> Tensor | None:
         return self._aux

@@ -26,6 +26,8 @@ class MDMTN(MultiTaskModel):
     `task_parameters(t)`, not to the shared parameters (MGDA's gradients stay trunk-only).
     """
 
+    has_representation = False  # the monitors read the input too
+
     def __init__(self, tasks: dict[str, Task], in_shape: Sequence[int], channels: Sequence[int] = (10, 20),
                  hidden: int = 50, kernel_size: int = 5, batch_norm: bool = False, monitor_channels: int = 20,
                  alpha_init: Sequence[float] = (0.5, 0.5)) -> None:

@@ -24,6 +24,8 @@ from mtlsparse.tasks import Task
 class MMoE(MultiTaskModel):
     """`num_experts` LeNet experts (same knobs as HPS) + one softmax gate and one linear head per task."""
 
+    has_representation = False  # the gates read the input too
+
     def __init__(self, tasks: dict[str, Task], in_shape: Sequence[int], num_experts: int = 3,
                  channels: Sequence[int] = (10, 20), hidden: int = 50, kernel_size: int = 5,
                  batch_norm: bool = False) -> None:

@@ -52,6 +52,8 @@ def linear_gate(in_dim: int, dim: int) -> nn.Sequential:
 class MTAN(MultiTaskModel):
     """Shared LeNet trunk + per-task attention stages + linear heads (same knobs as HPS)."""
 
+    has_representation = False  # attention reads the trunk's features at every stage, not one z
+
     def __init__(self, tasks: dict[str, Task], in_shape: Sequence[int], channels: Sequence[int] = (10, 20),
                  hidden: int = 50, kernel_size: int = 5, batch_norm: bool = False) -> None:
         super().__init__()

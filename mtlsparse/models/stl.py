@@ -13,6 +13,8 @@ from mtlsparse.tasks import Task
 class STL(MultiTaskModel):
     """One LeNet trunk + head per task, trained jointly but sharing nothing."""
 
+    has_representation = False  # nothing is shared
+
     def __init__(self, tasks: dict[str, Task], in_shape: Sequence[int], channels: Sequence[int] = (10, 20),
                  hidden: int = 50, kernel_size: int = 5, batch_norm: bool = False) -> None:
         super().__init__()
