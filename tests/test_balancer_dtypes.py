@@ -27,6 +27,8 @@ PRECISIONS = ["float64", "bf16-autocast", "fp16-autocast"]
 class LinearToy(nn.Module):
     """z = linear(I, W) = Wᵀ (bf16 under autocast); L_t = Σ z ⊙ C_t, so ∇_z L_t = C_t and ∇_W L_t = C_tᵀ."""
 
+    has_representation = True
+
     def __init__(self, dtype: torch.dtype) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(0)
@@ -36,7 +38,7 @@ class LinearToy(nn.Module):
     def shared_parameters(self):
         return self.trunk.parameters()
 
-    def shared_representation(self, x):
+    def encode(self, x):
         return self.trunk(x)
 
     def decode(self, z):
@@ -64,7 +66,7 @@ def step(balancer: str, mode: str, precision: str) -> tuple[LinearToy, torch.Ten
     bal.setup(model)
     torch.manual_seed(0)
     with autocast_or_skip(precision):
-        z = model.shared_representation(torch.eye(N, dtype=dtype))
+        z = model.encode(torch.eye(N, dtype=dtype))
         losses = model.decode(z)
         ctx = BalanceContext(shared_params=list(model.shared_parameters()), representation=z)
         loss = bal(losses, None, ctx)

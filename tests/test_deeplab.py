@@ -72,7 +72,7 @@ def test_trunk_runs_once_per_batch_for_all_heads():
     model.trunk.register_forward_hook(lambda *_: calls.append(1))
     model(torch.randn(2, 3, 32, 32))
     assert len(calls) == 1
-    z = model.shared_representation(torch.randn(2, 3, 24, 32))  # MGDA-UB path: representation, then decode
+    z = model.encode(torch.randn(2, 3, 24, 32))  # MGDA-UB path: representation, then decode
     assert model.decode(z)["seg"].shape[-2:] == (24, 32) and len(calls) == 2
 
 

@@ -38,6 +38,8 @@ ALL_METHODS = sorted(p.stem for p in Path(CONF_DIR, "method").glob("*.yaml"))
 class Toy(nn.Module):
     """Shared trunk Linear(4→3)-tanh, one Linear(3→1) head per task; losses are smooth and positive."""
 
+    has_representation = True
+
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
@@ -47,7 +49,7 @@ class Toy(nn.Module):
     def shared_parameters(self):
         return self.trunk.parameters()
 
-    def shared_representation(self, x):
+    def encode(self, x):
         return torch.tanh(self.trunk(x))
 
     def decode(self, z):
@@ -100,7 +102,7 @@ def test_shared_grad_is_exactly_the_aggregated_direction_and_heads_get_their_tas
     bal = JD(["a", "b"], aggregator=aggregator)
     bal.setup(model)
     shared = list(model.trunk.parameters())
-    losses = model.losses(model.shared_representation(toy_batch()))
+    losses = model.losses(model.encode(toy_batch()))
     jac = jacobian(losses, shared)
     head_grads = {t: torch.autograd.grad(losses[t], list(model.heads[t].parameters()), retain_graph=True)
                   for t in ("a", "b")}
@@ -123,7 +125,7 @@ def test_sparsity_objective_adds_k0_times_its_gradient():
     shared = list(model.trunk.parameters())
     bal = JD(["a", "b"], k0=0.3, aggregator="pcgrad")
     bal.setup(model)
-    losses = model.losses(model.shared_representation(toy_batch()))
+    losses = model.losses(model.encode(toy_batch()))
     expected = tja.PCGrad()(jacobian(losses, shared))
     penalty = model.trunk.weight.abs().sum()  # an l1-like L0
     bal(losses, penalty, BalanceContext(shared_params=shared)).backward()
@@ -138,7 +140,7 @@ def test_representation_mode_pulls_the_aggregated_representation_gradient_back_t
     bal = JD(["a", "b"], aggregator="upgrad", mode="representation")
     bal.setup(model)
     assert bal.needs_representation
-    z = model.shared_representation(toy_batch())
+    z = model.encode(toy_batch())
     losses = model.losses(z)
     d_z = tja.UPGrad()(jacobian(losses, [z])).view_as(z)
     expected = torch.autograd.grad(z, shared, grad_outputs=d_z, retain_graph=True)
@@ -218,7 +220,7 @@ def test_stateful_aggregators_resume_from_a_state_dict(aggregator, options, step
     similarity EMA; Nash-MTL's weights cached between updates)."""
     def step(bal, model, seed):
         torch.manual_seed(seed)
-        losses = model.losses(model.shared_representation(torch.randn(8, 4)))
+        losses = model.losses(model.encode(torch.randn(8, 4)))
         model.zero_grad()
         bal(losses, None, BalanceContext(shared_params=list(model.trunk.parameters()))).backward()
         return model.trunk.weight.grad.clone()
@@ -251,7 +253,7 @@ def test_distributed_code_path_gives_the_same_update_in_a_one_process_group(tmp_
         jd, gradnorm, famo = JD(["a", "b"], aggregator="upgrad"), GradNorm(["a", "b"]), FAMO(["a", "b"])
         jd.setup(model)
         for step in range(2):
-            losses = model.losses(model.shared_representation(toy_batch() + step))
+            losses = model.losses(model.encode(toy_batch() + step))
             ctx = BalanceContext(shared_params=shared)
             (jd(losses, None, ctx) + gradnorm(losses, None, ctx) + famo(losses, None, ctx)).backward()
         return [p.grad.clone() for p in shared] + [gradnorm.weights.grad.clone(), famo.logits.clone()]
@@ -295,7 +297,7 @@ def test_missing_solver_names_the_pip_command(tiny_cfg, tmp_path, monkeypatch):
 @pytest.mark.parametrize("balancer", [JD(["a", "b"], mode="representation"),
                                       GradNorm(["a", "b"], mode="representation")])
 def test_representation_mode_needs_a_shared_representation(balancer):
-    with pytest.raises(ValueError, match="mode=representation needs a model with `shared_representation"):
+    with pytest.raises(ValueError, match="mode=representation needs a model with a shared representation"):
         balancer.setup(MMoE(TASKS, (1, 16, 16)))
     balancer.setup(CrossStitch(TASKS, (1, 16, 16)))
     balancer.setup(HPS(TASKS, (1, 16, 16)))
@@ -442,7 +444,7 @@ def test_cross_stitch_starts_as_paper_init_and_identity_stitch_gives_separate_co
     identity = CrossStitch(TASKS, (1, 16, 16), self_weight=1.0)
     x = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(identity(x)["b"], identity.heads["b"](identity.columns["b"](x)))
-    torch.testing.assert_close(identity.decode(identity.shared_representation(x))["a"], identity(x)["a"])
+    torch.testing.assert_close(identity.decode(identity.encode(x))["a"], identity(x)["a"])
 
 
 def test_mmoe_mixture_is_gate_weighted_sum_of_experts():

@@ -271,7 +271,7 @@ def test_modes_weight_by_the_min_norm_of_the_right_gradients(mode):
     bal = MGDA(list(TASKS), mode=mode, normalization="none")
     bal.setup(model)
     assert bal.needs_representation == (mode == "representation")
-    rep = model.shared_representation(x)
+    rep = model.encode(x)
     out = model.decode(rep)
     task_losses = {n: TASKS[n].loss(out[n], y[n]) for n in TASKS}
     shared = list(model.shared_parameters())

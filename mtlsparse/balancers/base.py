@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from mtlsparse.errors import ConfigError
+from mtlsparse.gradients import rank_sum_
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning as L
@@ -82,9 +82,7 @@ class LossMeter:
 
         Under DDP every rank must call this at the same point (it is a collective).
         """
-        stats = torch.cat([self.total, self.total.new_tensor([self.count])])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)
+        stats = rank_sum_(torch.cat([self.total, self.total.new_tensor([self.count])]))
         self.total = torch.zeros_like(self.total)
         self.count = 0
         return stats[:-1] / stats[-1] if stats[-1] > 0 else None

@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from mtlsparse.balancers.base import BalanceContext, Balancer
+from mtlsparse.gradients import rank_mean_
 
 UPDATES = ("adam", "sgd")
 ADAM_BETAS = (0.9, 0.999)
@@ -71,10 +71,7 @@ class FAMO(Balancer):
     @torch.no_grad()
     def observe(self, losses: Tensor) -> None:
         """Record this step's losses; from the second step on, update ξ from the log-loss decrease."""
-        losses = losses.detach().clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(losses)
-            losses /= dist.get_world_size()
+        losses = rank_mean_(losses.detach().clone())
         log_losses = self.shifted(losses).log().to(self.logits)
         if bool(self.has_last):
             self.step_logits(self.last_log_losses - log_losses)

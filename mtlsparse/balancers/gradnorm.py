@@ -15,12 +15,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from mtlsparse.balancers.base import BalanceContext, Balancer, require_shared_parameters
-from mtlsparse.balancers.jd import MODES, has_representation, no_representation_error
 from mtlsparse.errors import ConfigError
+from mtlsparse.gradients import check_mode, rank_mean_, representation_of, require_representation, task_gradients
 
 
 def last_shared_weight(shared_params: Sequence[nn.Parameter]) -> nn.Parameter:
@@ -38,7 +37,7 @@ class GradNorm(Balancer):
     `mode=params` (the paper) takes the gradient norms at the last shared layer: the last
     shared weight in `shared_parameters()` order (with parallel shared branches, as the
     columns of cross_stitch or the experts of mmoe, the last branch's last layer);
-    `mode=representation` at the shared representation (models with `shared_representation`).
+    `mode=representation` at the shared representation (models with `has_representation`).
     L_t(0) are the first training step's losses (persistent buffers, so a resumed run keeps
     them). The preference `k` is not used: the weights are learned.
     """
@@ -48,8 +47,7 @@ class GradNorm(Balancer):
         super().__init__(tasks, k0, k)
         if alpha < 0:
             raise ValueError(f"balancer.alpha must be >= 0 (asymmetry of GradNorm's target), got {alpha}")
-        if mode not in MODES:
-            raise ValueError(f"balancer.mode must be one of {MODES}, got {mode!r}")
+        check_mode(mode)
         if min_weight <= 0:
             raise ValueError(f"balancer.min_weight must be > 0, got {min_weight}")
         self.alpha, self.mode, self.min_weight = float(alpha), mode, float(min_weight)
@@ -63,8 +61,8 @@ class GradNorm(Balancer):
     def setup(self, model: nn.Module) -> None:
         """Fail before training when the model shares no parameters, or representation mode has no representation."""
         require_shared_parameters("balancer=gradnorm", model)
-        if self.needs_representation and not has_representation(model):
-            raise no_representation_error("gradnorm", type(model).__name__)
+        if self.needs_representation:
+            require_representation("gradnorm", model)
 
     @torch.no_grad()
     def renormalise_(self) -> None:
@@ -75,17 +73,11 @@ class GradNorm(Balancer):
     def _unweighted_grad_norms(self, losses: dict[str, Tensor], ctx: BalanceContext) -> Tensor:
         """‖∇_W L_t‖ per task (detached), W the last shared weight or the shared representation."""
         if self.needs_representation:
-            if ctx.representation is None:
-                raise no_representation_error("gradnorm", "the model")
-            wrt = ctx.representation
+            wrt = representation_of(ctx.representation, "gradnorm")
         else:
             wrt = last_shared_weight(ctx.shared_params)
-        norms = []
-        for task in self.tasks:
-            loss = losses[task]
-            grad = torch.autograd.grad(loss, wrt, retain_graph=True, allow_unused=True)[0] if loss.requires_grad \
-                else None
-            norms.append(wrt.new_zeros(()) if grad is None else torch.linalg.vector_norm(grad))
+        norms = [wrt.new_zeros(()) if grad is None else torch.linalg.vector_norm(grad)
+                 for (grad,) in task_gradients([losses[task] for task in self.tasks], [wrt])]
         return torch.stack(norms).detach()
 
     def forward(self, losses: dict[str, Tensor], penalty: Tensor | None, ctx: BalanceContext) -> Tensor:
@@ -98,10 +90,7 @@ class GradNorm(Balancer):
 
     def _grad_loss(self, loss_values: Tensor, norms: Tensor) -> Tensor:
         """L_grad with value 0 added to the model loss: only its gradient (w.r.t. w) matters."""
-        if dist.is_available() and dist.is_initialized():
-            loss_values = loss_values.clone()
-            dist.all_reduce(loss_values)
-            loss_values /= dist.get_world_size()
+        loss_values = rank_mean_(loss_values.clone())
         if not bool(self.initialised):
             self.initial_losses.copy_(loss_values.clamp_min(torch.finfo(loss_values.dtype).tiny))
             self.initialised.fill_(True)

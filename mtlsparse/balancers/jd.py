@@ -2,11 +2,11 @@
 
 Each step, the per-task gradients g_t of the shared parameters (`mode=params`) or of the
 shared representation z (`mode=representation`: a backward through the heads only, as
-in MGDA-UB) form a Jacobian J with one row per task; a torchjd aggregator maps J to one
-update direction d. The balancer then returns a surrogate scalar whose gradient is
-exactly d on the shared parameters (Jᵀ_z d, pulled back through the trunk, in
-representation mode), Σ_t ∇L_t on every other parameter (heads, attention, fusion
-weights), plus k0·∇L0. So Lightning's backward, gradient clipping, the optimizer step and
+in MGDA-UB) form a Jacobian J with one row per task (`mtlsparse.gradients`); a torchjd
+aggregator maps J to one update direction d. The balancer then returns a surrogate
+scalar whose gradient is exactly d on the shared parameters (Jᵀ_z d, pulled back through
+the trunk, in representation mode), Σ_t ∇L_t on every other parameter (heads, attention,
+fusion weights), plus k0·∇L0. So Lightning's backward, gradient clipping, the optimizer step and
 the sparsity hooks (prox, mask re-application, RigL's reading of `.grad`) run unchanged.
 Weightings that ignore the gradients (`rlw`, `mean`, `sum`) skip J: Σ_t w_t L_t.
 Aggregators run in float32 (float64 for a float64 Jacobian) outside autocast, whatever the
@@ -21,15 +21,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torchjd.aggregation as tja
 from torch import Tensor, nn
 
 from mtlsparse.balancers.base import BalanceContext, Balancer, require_shared_parameters
-from mtlsparse.balancers.min_norm import gramian, min_norm_weights_of_gram
-from mtlsparse.errors import ConfigError
+from mtlsparse.balancers.min_norm import min_norm_weights_of_gram
+from mtlsparse.gradients import (
+    check_mode,
+    from_rank0_,
+    gramian,
+    linear_surrogate,
+    pull_back,
+    rank_mean_,
+    representation_of,
+    require_representation,
+    split_like,
+    task_jacobian,
+    trainable_shared,
+)
 
-MODES = ("params", "representation")
 SOLVERS_HINT = 'pip install "mtlsparse[solvers]"'
 
 
@@ -119,38 +129,6 @@ def build_aggregator(name: str, num_tasks: int, preference: Tensor | None,
                                  f'{SOLVERS_HINT} (or pip install "torchjd[{spec.extra}]")') from err
 
 
-def has_representation(model: nn.Module) -> bool:
-    """Whether `model` exposes `shared_representation(x)` and `decode(z)` (HPS-like models)."""
-    return callable(getattr(model, "shared_representation", None)) and callable(getattr(model, "decode", None))
-
-
-def no_representation_error(balancer: str, model_name: str) -> ConfigError:
-    """The error for representation mode on a model without a shared representation; it names the fix."""
-    return ConfigError(f"balancer {balancer} with mode=representation needs a model with `shared_representation(x)` "
-                      f"and `decode(z)`; {model_name} has none. Use balancer.mode=params instead.")
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def flat_grads(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
-    """One flat vector of gradients (zeros where a tensor got none)."""
-    return torch.cat([(torch.zeros_like(t) if g is None else g).flatten() for g, t in zip(grads, like)])
-
-
-def linear_surrogate(pairs: Sequence[tuple[Tensor, Tensor]], value: Tensor) -> Tensor:
-    """A scalar equal to `value` whose gradient w.r.t. each tensor p of `pairs` is exactly its paired g.
-
-    Σ ⟨p, g⟩ − (the same, detached) + value: the gradient of ⟨p, g⟩ w.r.t. p is g bit for bit.
-    """
-    terms = [(p * g.detach()).sum() for p, g in pairs]
-    if not terms:
-        return value.detach()
-    surrogate = torch.stack(terms).sum()
-    return surrogate - surrogate.detach() + value.detach()
-
-
 class JD(Balancer):
     """Jacobian-descent balancer: per-task gradients → torchjd aggregator → update direction d.
 
@@ -168,8 +146,7 @@ class JD(Balancer):
     def __init__(self, tasks: Sequence[str], k0: float = 0.0, k: Sequence[float] | None = None,
                  aggregator: str = "upgrad", mode: str = "params", **options: Any) -> None:
         super().__init__(tasks, k0, k)
-        if mode not in MODES:
-            raise ValueError(f"balancer.mode must be one of {MODES}, got {mode!r}")
+        check_mode(mode)
         built = build_aggregator(aggregator, len(self.tasks), self.k.clone(), dict(options))
         # a plain attribute, not a submodule: stateful aggregators' lazily created buffers would break strict loading
         object.__setattr__(self, "aggregator", built)
@@ -188,8 +165,8 @@ class JD(Balancer):
         if self.spec.gradient_free:
             return
         require_shared_parameters(f"balancer={self.aggregator_name} (balancer=jd)", model)
-        if self.needs_representation and not has_representation(model):
-            raise no_representation_error(self.name, type(model).__name__)
+        if self.needs_representation:
+            require_representation(self.name, model)
 
     def forward(self, losses: dict[str, Tensor], penalty: Tensor | None, ctx: BalanceContext) -> Tensor:
         stacked = self.stack(losses)
@@ -205,37 +182,20 @@ class JD(Balancer):
 
     def _directions(self, losses: dict[str, Tensor], ctx: BalanceContext) -> list[tuple[Tensor, Tensor]]:
         """(parameter, gradient) pairs: d on the shared parameters, Σ_t ∇L_t on the others."""
-        shared_params = [p for p in ctx.shared_params if p.requires_grad]
-        if self.needs_representation:
-            if ctx.representation is None:
-                raise no_representation_error(self.name, "the model")
-            rows_of = [ctx.representation]
-        else:
-            if not shared_params:  # setup(model) catches this for models that declare their shared parameters
-                raise ConfigError(f"balancer {self.name} combines per-task gradients of the shared parameters, but "
-                                  "the model has none: use balancer=linear (or another loss-weighting balancer)")
-            rows_of = shared_params
         shared_ids = {id(p) for p in ctx.shared_params}
         others = [p for p in self._params if p.requires_grad and id(p) not in shared_ids]
-        wrt = rows_of + others
-        rows: list[Tensor] = []
-        other_grads: list[Tensor | None] = [None] * len(others)
-        for task in self.tasks:
-            loss = losses[task]
-            grads = (torch.autograd.grad(loss, wrt, retain_graph=True, allow_unused=True) if loss.requires_grad
-                     else (None,) * len(wrt))
-            rows.append(flat_grads(grads[:len(rows_of)], rows_of))
-            for i, g in enumerate(grads[len(rows_of):]):
-                if g is not None:
-                    other_grads[i] = g if other_grads[i] is None else other_grads[i] + g
-        direction = self._aggregate(torch.stack(rows))
-        pieces = [piece.view_as(t) for piece, t in zip(direction.split([t.numel() for t in rows_of]), rows_of)]
-        if self.needs_representation:  # pull d back through the trunk: Jᵀ_z d on the shared parameters
-            grads = torch.autograd.grad(ctx.representation, shared_params, grad_outputs=pieces[0], retain_graph=True,
-                                        allow_unused=True)
-            shared_pairs = [(p, g) for p, g in zip(shared_params, grads) if g is not None]
+        if self.needs_representation:
+            z = representation_of(ctx.representation, self.name)
+            shared_params = [p for p in ctx.shared_params if p.requires_grad]
+            rows_of = [z]
         else:
-            shared_pairs = list(zip(shared_params, pieces))
+            shared_params = rows_of = trainable_shared(ctx.shared_params, f"balancer {self.name}")
+        jac, other_grads = task_jacobian([losses[t] for t in self.tasks], rows_of, others)
+        direction = self._aggregate(jac)
+        if self.needs_representation:  # pull d back through the trunk: Jᵀ_z d on the shared parameters
+            shared_pairs = pull_back(z, direction, shared_params)
+        else:
+            shared_pairs = list(zip(shared_params, split_like(direction, shared_params)))
         return shared_pairs + [(p, g) for p, g in zip(others, other_grads) if g is not None]
 
     @torch.no_grad()
@@ -246,15 +206,14 @@ class JD(Balancer):
         gradients come from representation mode under mixed precision), so J is promoted and
         autocast is off here; d comes back in J's dtype.
         """
-        global_rows = _distributed() and not self.needs_representation
+        global_rows = not self.needs_representation
         if global_rows:
-            dist.all_reduce(jacobian)
-            jacobian /= dist.get_world_size()
+            rank_mean_(jacobian)
         work = jacobian.to(torch.float64 if jacobian.dtype == torch.float64 else torch.float32)
         with torch.autocast(work.device.type, enabled=False):
             direction = self._aggregate_in(work).to(jacobian.dtype)
         if global_rows:
-            dist.broadcast(direction, src=0)
+            from_rank0_(direction)
         if not torch.isfinite(direction).all():
             raise FloatingPointError(f"balancer {self.name} produced a non-finite update direction from task "
                                      f"gradients of norms {jacobian.norm(dim=1).tolist()}")

@@ -3,23 +3,33 @@
 The min-norm element Σ α_t g_t (α on the simplex) is a common descent direction of all
 task losses (or zero at a Pareto-stationary point). `mode=params` differentiates w.r.t.
 the shared parameters; `mode=representation` (MGDA-UB) w.r.t. the shared representation,
-an upper bound that needs one backward through the heads only. The min-norm problem is
-solved exactly on the m×m Gramian (`mtlsparse.balancers.min_norm`), for any number of tasks.
+an upper bound that needs one backward through the heads only. The per-task gradients
+and their Gramian come from `mtlsparse.gradients`; this module is only MGDA's rule: the
+min-norm problem, solved exactly on the m×m Gramian (`mtlsparse.balancers.min_norm`) for
+any number of tasks.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from mtlsparse.balancers.base import BalanceContext, Balancer, require_shared_parameters
-from mtlsparse.balancers.min_norm import gramian, min_norm_weights_of_gram
-from mtlsparse.errors import ConfigError
+from mtlsparse.balancers.min_norm import min_norm_weights_of_gram
+from mtlsparse.gradients import (
+    check_mode,
+    gramian,
+    jacobian,
+    rank_mean_,
+    rank_sum_,
+    representation_of,
+    require_representation,
+    trainable_shared,
+)
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
-MODES = ("params", "representation")
+NAME = "mgda (MGDA-UB)"  # how the representation-mode errors name this balancer
 
 
 def gram_min_norm_weights(gram: Tensor) -> Tensor:
@@ -30,18 +40,6 @@ def gram_min_norm_weights(gram: Tensor) -> Tensor:
 def min_norm_weights(grads: Tensor) -> Tensor:
     """Simplex weights α of the min-norm point Σ α_t g_t of the rows of `grads` [m, d]."""
     return gram_min_norm_weights(gramian(grads))
-
-
-def _distributed() -> bool:
-    """Whether a torch.distributed process group is running (DDP)."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def no_representation_error(model_name: str) -> ConfigError:
-    """The error for MGDA-UB on a model without a shared representation; it names the fix."""
-    return ConfigError(f"balancer mgda with mode=representation (MGDA-UB) needs a model with "
-                      f"`shared_representation(x)` and `decode(z)`; {model_name} has none. "
-                      "Use balancer.mode=params (gradients w.r.t. the shared parameters) instead.")
 
 
 class MGDA(Balancer):
@@ -60,41 +58,32 @@ class MGDA(Balancer):
         super().__init__(tasks, k0, k)
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.normalization, self.mode = normalization, mode
+        self.normalization, self.mode = normalization, check_mode(mode)
         self.needs_representation = mode == "representation"
         self.register_buffer("alpha", torch.full((len(self.tasks),), 1.0 / len(self.tasks)), persistent=False)
 
     def setup(self, model: nn.Module) -> None:
         """Fail before training when the model shares no parameters, or MGDA-UB lacks a shared representation."""
         require_shared_parameters("balancer=mgda", model)
-        if self.needs_representation and not (callable(getattr(model, "shared_representation", None))
-                                              and callable(getattr(model, "decode", None))):
-            raise no_representation_error(type(model).__name__)
+        if self.needs_representation:
+            require_representation(NAME, model)
 
     def _gram(self, losses: dict[str, Tensor], ctx: BalanceContext) -> Tensor:
-        """Gram matrix of the per-task gradients over the (global) batch."""
+        """Gram matrix of the per-task gradients over the (global) batch.
+
+        Params mode averages J over the ranks (the global batch's gradients); representation
+        mode sums the ranks' Gramians (each rank's z covers only its own samples).
+        """
         if self.needs_representation:
-            if ctx.representation is None:
-                raise no_representation_error("the model")
-            wrt = [ctx.representation]
+            wrt = [representation_of(ctx.representation, NAME)]
         else:
-            wrt = [p for p in ctx.shared_params if p.requires_grad]
-            if not wrt:  # setup(model) catches this for models that declare their shared parameters
-                raise ConfigError("balancer=mgda combines per-task gradients of the shared parameters, but the model "
-                                  "has none: use balancer=linear (or another loss-weighting balancer)")
-        rows = []
-        for task in self.tasks:
-            grads = torch.autograd.grad(losses[task], wrt, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([(torch.zeros_like(w) if g is None else g).flatten() for g, w in zip(grads, wrt)]))
-        grads = torch.stack(rows)
-        if _distributed() and not self.needs_representation:
-            dist.all_reduce(grads)
-            grads /= dist.get_world_size()
+            wrt = trainable_shared(ctx.shared_params, "balancer=mgda")
+        grads = jacobian([losses[task] for task in self.tasks], wrt)
+        if not self.needs_representation:
+            rank_mean_(grads)
         gram = gramian(grads)
-        if _distributed() and self.needs_representation:
-            dist.all_reduce(gram)
+        if self.needs_representation:
+            rank_sum_(gram)
         return gram
 
     def _normalizers(self, gram: Tensor, losses: Tensor) -> Tensor:
@@ -110,10 +99,7 @@ class MGDA(Balancer):
         stacked = self.stack(losses)
         with torch.no_grad():
             gram = self._gram(losses, ctx).double()
-            loss_values = stacked.detach().double()
-            if _distributed():
-                dist.all_reduce(loss_values)
-                loss_values /= dist.get_world_size()
+            loss_values = rank_mean_(stacked.detach().double())
             scale = self._normalizers(gram, loss_values).clamp_min(torch.finfo(torch.float64).tiny)
             alpha = gram_min_norm_weights(gram / torch.outer(scale, scale)).to(stacked)  # not via the fp32 buffer
             self.alpha.copy_(alpha)

@@ -117,17 +117,3 @@ def min_norm_weights_of_gram(gram: Tensor) -> Tensor:
     """`simplex_min_norm` for a torch Gramian: float64 weights on the CPU."""
     return torch.from_numpy(simplex_min_norm(gram.detach().double().cpu().numpy()))
 
-
-def gramian(rows: Tensor, chunk: int = 1 << 20) -> Tensor:
-    """Float64 Gramian of the rows of an [m, …] tensor, outside autocast.
-
-    Cast to float64 a chunk of columns at a time, so the extra memory is O(m·chunk) rather
-    than a float64 copy of every gradient; mixed precision never rounds the Gramian.
-    """
-    flat = rows.detach().flatten(1)
-    gram = torch.zeros(flat.shape[0], flat.shape[0], dtype=torch.float64, device=flat.device)
-    with torch.autocast(flat.device.type, enabled=False):
-        for block in flat.split(chunk, dim=1):
-            block = block.double()
-            gram += block @ block.T
-    return gram

@@ -1,8 +1,8 @@
 """Pruning at initialisation from connection sensitivity: SNIP and DiSparse static.
 
 Before training, per-task sensitivities |w ⊙ ∂L_t/∂w| are accumulated over a few
-training batches (per batch, as in DiSparse) with `torch.autograd.grad`, so no
-gradient is left in `.grad`. SNIP keeps the global top scores of Σ_t; DiSparse keeps a
+training batches (per batch, as in DiSparse) by `mtlsparse.gradients.task_gradients`, so
+no gradient is left in `.grad`. SNIP keeps the global top scores of Σ_t; DiSparse keeps a
 weight if ANY task keeps it in its own global top-q of the weights it uses (shared
 layers: every task; task-specific layers: only their task), q chosen so the union hits
 the target exactly. Both keep the per-task masks for the mask-IoU analysis.
@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 
+from mtlsparse.gradients import task_gradients
 from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.allocation import global_masks, union_topk
 from mtlsparse.sparsity.layers import PrunableLayer
@@ -41,10 +42,8 @@ def task_gradient_magnitudes(module: L.LightningModule, layers: Sequence[Prunabl
         for batch in islice(loader, num_batches):
             x, y = move_data_to_device(batch, module.device)
             out = module.model(x)
-            for i, (name, task) in enumerate(module.tasks.items()):
-                loss = task.loss(out[name], y[name])
-                grads = torch.autograd.grad(loss, weights, retain_graph=i < len(module.tasks) - 1,
-                                            allow_unused=True)
+            losses = [task.loss(out[name], y[name]) for name, task in module.tasks.items()]
+            for name, grads in zip(module.tasks, task_gradients(losses, weights, retain_graph=False)):
                 for total, grad in zip(totals[name], grads):
                     if grad is not None:
                         total.add_(grad.abs())
