@@ -38,14 +38,14 @@ test-slow: setup
 	$(PYTHON) -m pytest -m slow $(ARGS)
 
 bench: setup
-	$(PYTHON) -m mtlsparse.bench $(ARGS)
+	$(PYTHON) -m mtlsparse.benchmarks.balancers $(ARGS)
 
 bench-export: setup
-	$(PYTHON) -m mtlsparse.bench_export $(ARGS)
+	$(PYTHON) -m mtlsparse.benchmarks.export $(ARGS)
 
 # trunk once per batch vs once per task, 3-task NYUv2-shaped training, mixed precision (meant for a GPU)
 bench-trunk: setup
-	$(PYTHON) -m mtlsparse.bench_trunk $(ARGS)
+	$(PYTHON) -m mtlsparse.benchmarks.trunk $(ARGS)
 
 sweep: setup
 	$(PYTHON) -m mtlsparse -m +sweep=lambda_group_lasso $(ARGS)

@@ -97,7 +97,7 @@ def test_non_boolean_trunk_per_task_is_a_clear_error():
 
 
 def test_trunk_benchmark_trains_both_designs_and_writes_its_table(tmp_path):
-    from mtlsparse import bench_trunk
+    from mtlsparse.benchmarks import trunk as bench_trunk
 
     bench_trunk.main(["--depth", "18", "--width", "0.0625", "--height", "32", "--image-width", "40", "--batch", "2",
                       "--steps", "1", "--warmup", "1", "--rounds", "2", "--device", "cpu", "--out", str(tmp_path)])
@@ -108,7 +108,7 @@ def test_trunk_benchmark_trains_both_designs_and_writes_its_table(tmp_path):
 
 
 def test_trunk_benchmark_step_lowers_the_loss_under_mixed_precision():
-    from mtlsparse.bench_trunk import Trainer, build_model, nyu_batch
+    from mtlsparse.benchmarks.trunk import Trainer, build_model, nyu_batch
 
     trainer = Trainer(build_model(18, 0.0625, 32, 32, trunk_per_task=False), torch.device("cpu"), "mixed")
     trainer.optimizer.param_groups[0]["lr"] = 1e-2

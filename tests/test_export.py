@@ -367,7 +367,7 @@ def test_bad_run_dirs_give_clear_errors(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("depth", [18, 50])
 def test_deeplab_resnet_compacts_trunk_and_aspp_concat_exactly(depth):
     deeplab = pytest.importorskip("mtlsparse.models.deeplab")
-    from mtlsparse.bench_export import NYU_TASKS, zero_channel_groups_
+    from mtlsparse.benchmarks.export import NYU_TASKS, zero_channel_groups_
 
     tasks = {**NYU_TASKS, "scene": Task("scene", num_classes=5)}
     model = deeplab.DeepLabResNet(tasks, (3, 32, 32), depth=depth, width=0.0625).eval()
@@ -393,7 +393,7 @@ def test_deeplab_resnet_compacts_trunk_and_aspp_concat_exactly(depth):
 
 def test_export_benchmark_writes_its_table(tmp_path):
     pytest.importorskip("mtlsparse.models.deeplab")
-    from mtlsparse import bench_export
+    from mtlsparse.benchmarks import export as bench_export
 
     bench_export.main(["--depth", "18", "--width", "0.0625", "--size", "32", "--batch", "2", "--repeats", "1",
                        "--warmup", "0", "--out", str(tmp_path)])
@@ -558,7 +558,7 @@ def test_bounded_group_search_finds_torch_prunings_groups(which):
     """Same members, indices and root indices as torch-pruning's own (unbounded) search."""
     if which == "deeplab":
         deeplab = pytest.importorskip("mtlsparse.models.deeplab")
-        from mtlsparse.bench_export import NYU_TASKS
+        from mtlsparse.benchmarks.export import NYU_TASKS
         model = deeplab.DeepLabResNet(NYU_TASKS, (3, 32, 32), depth=18, width=0.0625).eval()
         x = torch.randn(2, 3, 32, 32)
     elif which == "resnet":

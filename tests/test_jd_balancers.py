@@ -603,7 +603,7 @@ def test_group_lasso_with_upgrad_keeps_zero_groups_zero_below_the_prox_threshold
 
 
 def test_bench_times_balancers_relative_to_linear(tmp_path):
-    from mtlsparse.bench import main
+    from mtlsparse.benchmarks.balancers import main
 
     main(["--steps", "2", "--repeats", "1", "--balancers", "pcgrad,famo", "--overrides", "dataset=synthetic",
           "dataset.batch_size=32", "--out", str(tmp_path / "bench"), "--data-root", str(tmp_path / "data")])

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mtlsparse.bench_export import NYU_TASKS
+from mtlsparse.benchmarks.export import NYU_TASKS
 from mtlsparse.io import atomic_write_text, write_json
 
 PRECISIONS = ("mixed", "32")
