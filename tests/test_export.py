@@ -20,33 +20,27 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from mtlsparse import cli
+from mtlsparse.builders import build_model
+from mtlsparse.compaction.graph import Budget, check_compactable, coupled_group, dependency_graph, plan_removal
+from mtlsparse.compaction.serialise import shrink_to_
+from mtlsparse.compaction.surgery import TOLERANCE, max_abs_diff, num_params, removal_counts
 from mtlsparse.config import CONF_DIR, build, compose_config
 from mtlsparse.export import (
     COMPACT_FILE,
-    TOLERANCE,
-    Budget,
     BudgetExceeded,
     NotCompactable,
     NothingToRemove,
-    check_compactable,
     compact,
-    coupled_group,
-    dependency_graph,
     export_after_training,
     export_model,
     latency_line,
     load_compact,
-    max_abs_diff,
-    num_params,
-    plan_removal,
-    removal_counts,
-    shrink_to_,
 )
 from mtlsparse.latency import MIN_SAMPLES, count_flops, measurable_difference, median_latency_ms, spread
 from mtlsparse.models.hps import HPS, SharedTrunkModel
 from mtlsparse.sparsity.layers import prunable_layers
 from mtlsparse.tasks import Task
-from mtlsparse.train import build_model, run
+from mtlsparse.train import run
 
 from conftest import TINY
 
@@ -441,14 +435,15 @@ def test_cross_stitch_is_refused_at_once_after_training_and_by_the_cli(tiny_cfg,
 
 
 def test_refusal_is_declared_by_the_class_before_any_tracing(tmp_path, monkeypatch):
-    from mtlsparse import export
+    from mtlsparse.compaction import graph, surgery
     from mtlsparse.models.cross_stitch import CrossStitch
 
     def no_tracing(*args, **kwargs):
         raise AssertionError("a refused model must not be traced")
 
-    monkeypatch.setattr(export, "dependency_graph", no_tracing)
-    monkeypatch.setattr(export, "probe", no_tracing)
+    monkeypatch.setattr(graph, "dependency_graph", no_tracing)
+    monkeypatch.setattr(graph, "probe", no_tracing)
+    monkeypatch.setattr(surgery, "dependency_graph", no_tracing)
     with pytest.raises(NotCompactable, match="model=cross_stitch"):
         check_compactable("mtlsparse.models.CrossStitch")  # a config's _target_
     with pytest.raises(NotCompactable):

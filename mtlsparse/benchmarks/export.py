@@ -4,7 +4,7 @@ Builds `deeplab_resnet` (dilated ResNet trunk + ASPP heads for seg/depth/normals
 init, 256×256 inputs), zeroes `--sparsity` of the channel groups the way a structured
 method leaves them (every prunable trunk layer: the same random 70% of each coupled set of
 channels zeroed in all prunable readers, so residual streams are zeroed consistently;
-heads untouched, as group lasso leaves them), compacts it with `mtlsparse.export`, checks
+heads untouched, as group lasso leaves them), compacts it with `mtlsparse.compaction`, checks
 the outputs, and times dense vs compact trunk on CPU batch inference (warm-up, then the
 median and interquartile range of repeats, dense and compact interleaved so machine load
 hits both alike). Reports the measured speed-up next to the FLOP ratio, the speed-up a
@@ -23,16 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mtlsparse.export import (
-    Budget,
-    channel_role,
-    compact,
-    coupled_groups,
-    dependency_graph,
-    max_abs_diff,
-    num_params,
-    removal_counts,
-)
+from mtlsparse.compaction.graph import Budget, channel_role, coupled_groups, dependency_graph
+from mtlsparse.compaction.surgery import compact, max_abs_diff, num_params, removal_counts
 from mtlsparse.io import atomic_write_text, write_json
 from mtlsparse.latency import count_flops, latency_spread_ms, measurable_difference
 from mtlsparse.metrics.sparsity import group_sparsity
