@@ -1,8 +1,9 @@
-"""Pareto tools for comparing runs: objective matrices, ε-non-dominance, hypervolume.
+"""Pareto tools for comparing runs: objective matrices, ε-non-dominance, hypervolume, the front of runs.
 
 Plain numpy functions in the minimisation convention (smaller is better in every
 column); `objectives` negates the columns that are to be maximised. Hypervolume
-comes from the maintained `moocore` library.
+comes from the maintained `moocore` library. `pareto_front` applies them to runs (dicts
+of metrics) and objective specs (`key`, or `max:key` to maximise), as `mtlsparse report` does.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import moocore
 import numpy as np
 
 Direction = Literal["min", "max"]
+#: hypervolume reference per direction when none is given: 2 per minimised (a loss), 0 per maximised objective
+DEFAULT_REF = {"min": 2.0, "max": 0.0}
 
 
 def objectives(
@@ -110,3 +113,41 @@ def hypervolume(points: np.ndarray, ref: Sequence[float] | np.ndarray) -> float:
 def _hypervolume_backend(points: np.ndarray, ref: np.ndarray) -> float:
     """Exact hypervolume by moocore."""
     return float(moocore.hypervolume(points, ref=ref))
+
+
+def parse_objective(spec: str) -> tuple[str, Direction]:
+    """`key` (minimised) or `max:key` (maximised) → (key, direction)."""
+    return (spec[4:], "max") if spec.startswith("max:") else (spec, "min")
+
+
+def pareto_front(
+    runs: Sequence[Mapping[str, object]], specs: Sequence[str], ref: Sequence[float] | None,
+    eps: float | Sequence[float],
+) -> dict:
+    """ε-non-dominated `runs` (the successful ones) over `specs` and their hypervolume w.r.t. `ref` (metric units).
+
+    Returns {"front": runs, "hypervolume": float | None, "ref": list, "note": str}; the
+    note says why the front was skipped or which runs were left out. A `ref` whose length
+    does not match `specs` (one value is repeated for all) is a ValueError.
+    """
+    keys, directions = zip(*map(parse_objective, specs)) if specs else ((), ())
+    ref_list = list(ref) if ref is not None else [DEFAULT_REF[d] for d in directions]
+    if len(ref_list) == 1 and len(keys) > 1:
+        ref_list *= len(keys)
+    if len(ref_list) != len(keys):
+        raise ValueError(f"ref has {len(ref_list)} values for {len(keys)} objectives {list(specs)}")
+    skipped = {"front": [], "hypervolume": None, "ref": ref_list}
+    if not runs:
+        return skipped | {"note": "Pareto front skipped: no run succeeded."}
+    if len(keys) < 2:
+        return skipped | {"note": f"Pareto front skipped: needs at least 2 objectives, got {list(specs)}."}
+    points = objectives(runs, keys, directions)
+    complete = np.all(np.isfinite(points), axis=1)
+    if not complete.any():
+        return skipped | {"note": f"Pareto front skipped: no successful run has all of {list(keys)}."}
+    mask = non_dominated(points, eps)
+    ref_point = objectives([dict(zip(keys, map(float, ref_list)))], keys, directions)[0]
+    hv = hypervolume(points[mask], ref_point)
+    missing = int((~complete).sum())
+    note = f"{missing} successful run(s) lack an objective and are left out." if missing else ""
+    return {"front": [run for run, m in zip(runs, mask) if m], "hypervolume": hv, "ref": ref_list, "note": note}

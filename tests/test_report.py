@@ -12,7 +12,9 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from mtlsparse.pareto import hypervolume, objectives
-from mtlsparse.report import collect, main, parse_override, write_report, x_scale
+from mtlsparse.report import main, write_report
+from mtlsparse.reporting.collect import collect, parse_override
+from mtlsparse.reporting.plots import x_scale
 
 SWEEPS = Path(__file__).resolve().parents[1] / "multirun_sweeps"
 ERROR = "RuntimeError: loss is NaN at epoch 3"
