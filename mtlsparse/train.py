@@ -45,7 +45,7 @@ def route_lightning_logs_through_hydra() -> None:
 
 def final_metrics(cfg: DictConfig, module: MultiTaskModule, test_results: dict[str, float],
                   train_s: float) -> dict[str, Any]:
-    """Flat metrics.json content (DESIGN.md metric names)."""
+    """Flat metrics.json content: val/test metrics, sparsity, parameter counts, timings and the echoed config."""
     metrics: dict[str, Any] = {k: float(v) for k, v in test_results.items()}
     metrics.update(module.sparsity_summary())
     metrics.update({f"sparsity/{k}": v for k, v in row_metrics(matrix_weights(module.model)).items()})
