@@ -89,7 +89,7 @@ class LossMeter:
 
 
 class Balancer(nn.Module):
-    """Base class. `k0` weights the sparsity objective, `k` the tasks (DESIGN.md knobs)."""
+    """Base class. `k0` weights the sparsity objective, `k` the tasks (top-level knobs; docs/methods/balancers.md)."""
 
     #: set by balancers that need the shared representation (MGDA-UB)
     needs_representation = False

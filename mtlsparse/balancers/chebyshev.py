@@ -1,4 +1,4 @@
-"""Modified weighted Chebyshev scalarisation solved by an Augmented Lagrangian (Hotegni et al., METHODS.md §1).
+"""Modified weighted Chebyshev scalarisation by an Augmented Lagrangian (Hotegni et al.; docs/methods/growl_mdmtn.md).
 
 The multi-objective problem min (f_0, f_1..f_m) — f_0 the sparsity objective, f_i the
 task losses — becomes, for a preference vector k = (k_0, k_1..k_m) and reference point a,

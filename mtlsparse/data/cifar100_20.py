@@ -1,4 +1,4 @@
-"""CIFAR-100 as 20 tasks (METHODS.md §3): one 5-way task per coarse superclass.
+"""CIFAR-100 as 20 tasks (Guo et al.; docs/methods/minmax.md): one 5-way task per coarse superclass.
 
 Task ``c<k>`` classifies the fine label of images of superclass k among that
 superclass's 5 fine labels (in increasing fine-label order). Every image belongs to

@@ -1,4 +1,4 @@
-"""Cifar10Mnist (Hotegni et al., METHODS.md §1): a translucent MNIST digit on a CIFAR-10 image.
+"""Cifar10Mnist (Hotegni et al.; docs/methods/growl_mdmtn.md): a translucent MNIST digit on a CIFAR-10 image.
 
 Image i of a split is CIFAR-10 image i of that split with MNIST digit i of the same
 split (28x28, resized to 32x32) laid over it, per RGB channel:

@@ -46,7 +46,7 @@ class SharedTrunkModel(MultiTaskModel):
 
 
 class HPS(SharedTrunkModel):
-    """LeNet HPS of METHODS.md §1: Conv(10,k5)-pool-ReLU-Conv(20,k5)-pool-ReLU-FC(50)-ReLU + FC heads."""
+    """LeNet HPS of docs/methods/growl_mdmtn.md: Conv(10,k5)-pool-ReLU-Conv(20,k5)-pool-ReLU-FC(50)-ReLU + FC heads."""
 
     def __init__(self, tasks: dict[str, Task], in_shape: Sequence[int], channels: Sequence[int] = (10, 20),
                  hidden: int = 50, kernel_size: int = 5, batch_norm: bool = False,

@@ -10,7 +10,7 @@ from mtlsparse.models.base import flat_features
 
 def lenet_trunk(in_shape: Sequence[int], channels: Sequence[int] = (10, 20), hidden: int = 50,
                 kernel_size: int = 5, batch_norm: bool = False, dropout: float = 0.0) -> nn.Sequential:
-    """Conv(k5)-pool-ReLU blocks then Flatten-FC-ReLU (METHODS.md §1, HPS trunk).
+    """Conv(k5)-pool-ReLU blocks then Flatten-FC-ReLU (HPS trunk, docs/methods/growl_mdmtn.md).
 
     The FC input size is derived from `in_shape`, so the same trunk serves 28×28,
     36×36 and small (e.g. 12×12 digits) inputs; `kernel_size` shrinks for tiny images.

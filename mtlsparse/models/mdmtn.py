@@ -1,4 +1,4 @@
-"""Monitored Deep Multi-Task Network (Hotegni et al., METHODS.md §1).
+"""Monitored Deep Multi-Task Network (Hotegni et al.; docs/methods/growl_mdmtn.md).
 
 An HPS trunk S plus one small task-specific monitor M_t per task that sees the raw
 input and catches what the shared features miss; head O_t reads the learned fusion

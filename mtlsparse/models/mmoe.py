@@ -4,7 +4,7 @@ E LeNet experts see the input; each task t has a gate, a linear map of the flatt
 input followed by a softmax over the experts, and its head reads the gated mixture
 f_t(x) = Σ_e g_t,e(x) · expert_e(x). The experts are shared by all tasks; gate t and
 head t belong to task t. Gates read the raw input, so they count as input layers (not
-sparsified unless `include_input_layers`). The mixture depends on the input through the
+sparsified unless `scope.input_layers`). The mixture depends on the input through the
 gates as well as through the experts, so there is no shared representation that the
 heads could decode alone: MGDA-UB / `mode=representation` fail with a clear error.
 """

@@ -1,4 +1,4 @@
-"""VGG-16 hard parameter sharing for CIFAR-scale images (METHODS.md §3: CIFAR-100 as 20 tasks).
+"""VGG-16 hard parameter sharing for CIFAR-scale images (CIFAR-100 as 20 tasks, docs/methods/minmax.md).
 
 The trunk follows torchvision's VGG configuration "D" (13 conv3×3 layers, 5 max-pools),
 with channel counts scaled by `width`, then global average pooling to one vector, so

@@ -1,4 +1,4 @@
-"""GrOWL sparsification and parameter tying in two phases (MDMTN, Hotegni et al.; METHODS.md §1).
+"""GrOWL sparsification and parameter tying in two phases (MDMTN, Hotegni et al.; docs/methods/growl_mdmtn.md).
 
 Phase lengths are fractions of the run: phase 1 takes M1/(M1 + M2) of trainer.max_epochs
 (round(·), at least 1 epoch and, when M2 > 0, at most N − 1 so phase 2 runs), split

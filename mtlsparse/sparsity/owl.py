@@ -1,7 +1,7 @@
 """GrOWL (group ordered weighted ℓ1) over input-channel rows: value, exact prox, per-layer cap.
 
 G_θ(W) = Σ_i θ_i ‖w_[i]‖₂ with rows (`group_view`: W[:, i] / W[:, i, :, :]) sorted by
-decreasing norm and θ non-increasing (Zhang et al. 2018; MDMTN, METHODS.md §1). Its
+decreasing norm and θ non-increasing (Zhang et al. 2018; MDMTN, docs/methods/growl_mdmtn.md). Its
 prox is the OWL prox of the vector of row norms followed by rescaling each row to its
 new norm; the OWL prox sorts, subtracts θ, and projects onto the monotone
 non-increasing cone (pool-adjacent-violators, sklearn's isotonic regression), then

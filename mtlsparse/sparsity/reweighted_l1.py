@@ -1,4 +1,4 @@
-"""Reweighted ℓ1 pruning (Guo et al., METHODS.md §3): pretrain → reweighted ℓ1 → prune → retrain.
+"""Reweighted ℓ1 pruning (Guo et al.; docs/methods/minmax.md): pretrain → reweighted ℓ1 → prune → retrain.
 
 Stages are counted in epochs (0-based epoch e): `pretrain` while e < P, `reweight` for
 the next R epochs, `retrain` afterwards. P and R are fractions of the run by default
