@@ -175,7 +175,11 @@ def explain(err: BaseException) -> str:
             from mtlsparse.config import root_keys
 
             return f"unknown key '{key}'; the top-level keys are {', '.join(root_keys())}"
-        group = key.split(".", 1)[0]
+        group, leaf = key.split(".", 1)[0], key.rsplit(".", 1)[-1]
+        from mtlsparse.config import RENAMED_KEYS
+
+        if leaf in RENAMED_KEYS:
+            return f"unknown key '{key}': it is now {RENAMED_KEYS[leaf]}"
         return (f"unknown key '{key}' (its yaml does not set it); an argument that {group}'s _target_ accepts but "
                 f"the yaml leaves at its default is added with +{key}=VALUE; `mtlsparse --cfg job` prints the config")
     return one_line(err).split("; Config search path:")[0]

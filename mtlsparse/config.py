@@ -234,6 +234,11 @@ def check_value_types(node: DictConfig, group: str, target: str) -> None:
             raise ConfigError(f"{group}.{key} must be {wanted}, got {value!r}")
 
 
+#: constructor keys that moved to another config node: old name → where it lives now
+RENAMED_KEYS = {"include_heads": "scope.heads (top level: scope.heads=true)",
+                "include_input_layers": "scope.input_layers (top level: scope.input_layers=true)"}
+
+
 def build(cfg: DictConfig, group: str, **runtime: Any) -> Any:
     """Instantiate `cfg[group]`, then call it with runtime objects (tasks, callbacks, ...).
 
@@ -260,5 +265,6 @@ def build(cfg: DictConfig, group: str, **runtime: Any) -> Any:
     if isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause):
         bad = str(cause).rsplit("argument", 1)[-1].strip(" '\"")
         allowed = [k for k in allowed_keys(target) if k not in runtime]
-        raise ConfigError(f"unknown key '{group}.{bad}' for {target}; allowed keys: {allowed}")
+        moved = f"; it is now {RENAMED_KEYS[bad]}" if bad in RENAMED_KEYS else ""
+        raise ConfigError(f"unknown key '{group}.{bad}' for {target}{moved}; allowed keys: {allowed}")
     raise ConfigError(f"bad value in '{group}' ({target}): {cause}")

@@ -152,7 +152,7 @@ def test_vgg_hidden_heads():
 def test_vgg_multi_task_model_contract():
     model = VGG16MT(tasks(5, 5), (3, 32, 32), width=0.125).eval()
     x = torch.randn(4, 3, 32, 32)
-    rep = model.shared_representation(x)
+    rep = model.encode(x)
     assert rep.shape == (4, 64)
     decoded, out = model.decode(rep), model(x)
     assert all(torch.equal(decoded[t], out[t]) for t in out)

@@ -98,7 +98,8 @@ def test_command_line_mistakes_are_one_line_with_exit_2(user):
                          (["lamm=1"], "unknown key 'lamm'"),
                          (["+lr=0.1"], "optimizer.lr"),
                          (["method=nope"], "Available options in 'method'"),
-                         (["lam=0,1"], "add -m")]:
+                         (["lam=0,1"], "add -m"),
+                         (["method.include_heads=true"], "it is now scope.heads")]:
         proc = user(*args)
         assert proc.returncode == 2, (args, proc.stderr)
         lines = [line for line in proc.stderr.splitlines() if line.strip()]

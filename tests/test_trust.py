@@ -23,6 +23,7 @@ from mtlsparse.train import objective_values, run
     ("+trainer.default_root_dir=/x", "trainer.default_root_dir is set by mtlsparse"),
     ("objective=test/mean_acc", "objective must name validation metrics"),
     ("trainer.max_epochs=0", "trainer.max_epochs must be an integer >= 1"),
+    ("method=magnitude +method.include_heads=true", "method.include_heads.*it is now scope.heads"),
     ("method=magnitude method.prune_epoch=9", "method.prune_epoch=9 is past the last epoch of trainer.max_epochs=1"),
 ])
 def test_config_mistakes_are_one_line_config_errors_before_training(override, message, tiny_cfg, tmp_path):

@@ -40,10 +40,6 @@ class MultiTaskModel(nn.Module):
         """`decode ∘ encode`; models without a shared representation override it."""
         return self.decode(self.encode(x))
 
-    def shared_representation(self, x: Tensor) -> Tensor:
-        """Former name of `encode`, kept for callers written before the contract had it."""
-        return self.encode(x)
-
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters every task's loss depends on."""
         raise NotImplementedError
