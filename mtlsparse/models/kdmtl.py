@@ -29,9 +29,8 @@ def teachers_missing_error() -> ValueError:
     return ValueError(
         "model=kdmtl needs trained single-task teachers. First train them: "
         "`python -m mtlsparse model=stl balancer=linear <same dataset/model knobs>` "
-        "(writes <run_dir>/checkpoints/best-epoch=<N>.ckpt), then pass that file, quoted for Hydra because of "
-        "the '=': `python -m mtlsparse model=kdmtl "
-        "model.teacher_ckpt=\"'<run_dir>/checkpoints/best-epoch=<N>.ckpt'\"`.")
+        "(writes <run_dir>/checkpoints/best-epochNNN.ckpt), then pass that file: `python -m mtlsparse model=kdmtl "
+        "model.teacher_ckpt=<run_dir>/checkpoints/best-epochNNN.ckpt`.")
 
 
 def load_stl_trunks(path: str | Path, trunks: dict[str, nn.Module]) -> None:
