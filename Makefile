@@ -30,6 +30,7 @@ run: setup
 
 lint: setup
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
 test: setup lint
 	$(PYTHON) -m pytest $(ARGS)

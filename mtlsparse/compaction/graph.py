@@ -37,8 +37,8 @@ from torch_pruning._helpers import GroupItem, _HybridIndex
 from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.dependency import Dependency
 
+from mtlsparse.channel_groups import group_norms
 from mtlsparse.compaction.errors import BudgetExceeded, NotCompactable
-from mtlsparse.sparsity.layers import group_norms
 from mtlsparse.sparsity.masks import MASK
 
 # wall-clock budget of one export's dependency analysis and cuts (s), and the most channel indices one

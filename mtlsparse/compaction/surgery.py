@@ -16,9 +16,9 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from mtlsparse.channel_groups import group_norms
 from mtlsparse.compaction.errors import BudgetExceeded, ExportError
 from mtlsparse.compaction.graph import Budget, check_compactable, coupled_group, dependency_graph, plan_removal
-from mtlsparse.sparsity.layers import group_norms
 from mtlsparse.sparsity.masks import MASK
 
 log = logging.getLogger("mtlsparse")

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from mtlsparse.sparsity.layers import group_norms, group_view
+from mtlsparse.channel_groups import group_norms, group_view
 
 
 def param_sparsity(weights: Iterable[Tensor]) -> float:

@@ -1,21 +1,16 @@
-"""Which weights a sparsity method acts on, and how they split into channel groups.
-
-A *group* (docs/methods/group_lasso.md) is everything connected to one input neuron/channel:
-column W[:, i] of a Linear (out, in) weight, slice W[:, i, :, :] of a Conv weight
-(out, in, kh, kw). `group_view` exposes a weight as (in, rest) without mixing output
-filters (the reference code's `weight.view(in_ch, -1)` bug).
-"""
+"""Which weights a sparsity method acts on; their channel groups are `mtlsparse.channel_groups`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
+from mtlsparse.channel_groups import group_norms, group_shape, group_view
 from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.scope import Scope
 
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
+__all__ = ["PRUNABLE_TYPES", "PrunableLayer", "group_norms", "group_shape", "group_view", "prunable_layers"]
 
 
 @dataclass(frozen=True)
@@ -36,22 +31,6 @@ class PrunableLayer:
     @property
     def group_size(self) -> int:
         return self.weight[:, 0].numel()
-
-
-def group_view(weight: Tensor) -> Tensor:
-    """(in, out·kh·kw) view: row i holds every weight reading input channel i."""
-    return weight.transpose(0, 1).reshape(weight.shape[1], -1)
-
-
-def group_norms(weight: Tensor) -> Tensor:
-    """L2 norm of each input-channel group, shape (in,)."""
-    dims = [d for d in range(weight.dim()) if d != 1]
-    return torch.linalg.vector_norm(weight, dim=dims)
-
-
-def group_shape(weight: Tensor) -> tuple[int, ...]:
-    """Shape that broadcasts one value per input channel against `weight`."""
-    return (1, weight.shape[1]) + (1,) * (weight.dim() - 2)
 
 
 def prunable_layers(model: MultiTaskModel, scope: Scope | None = None) -> list[PrunableLayer]:
