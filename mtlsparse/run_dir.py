@@ -123,12 +123,11 @@ class RunDir:
         """`.hydra/config.yaml`, `hydra.yaml`, `overrides.yaml` as Hydra would write them."""
         if hydra_cfg is None:
             return
-        folder = self.path / CONFIG_DIR
-        folder.mkdir(parents=True, exist_ok=True)
+        self.config_dir.mkdir(parents=True, exist_ok=True)
         task = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
-        OmegaConf.save(task, folder / "config.yaml")
-        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
-        OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), folder / "overrides.yaml")
+        OmegaConf.save(task, self.config_file)
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), self.config_dir / "hydra.yaml")
+        OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), self.overrides_file)
 
 
 def file_log_handlers(directory: Path) -> list[tuple[logging.Logger, logging.FileHandler]]:
