@@ -7,18 +7,24 @@ from other processes on a shared machine hits all of them alike instead of biasi
 A latency is reported as the median with its spread (interquartile range, min, max), and
 two models differ measurably only when their interquartile ranges do not overlap
 (`measurable_difference`): a ratio of two medians inside each other's noise is no speed-up.
+
+A model here is a torch module or any callable on a batch (an onnxruntime session, a
+reloaded `torch.export` program), so every runtime is timed by the same loop.
 """
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
+
+#: what is timed: a torch module or any callable on a batch (e.g. an onnxruntime session wrapper)
+Runnable = Callable[[Tensor], object]
 
 # fewer timed forwards per model than this cannot show a difference: the quartiles are the samples themselves
 MIN_SAMPLES = 5
@@ -37,16 +43,21 @@ def num_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def latency_samples_ms(models: Mapping[str, nn.Module], x: Tensor, warmup: int = 3, repeats: int = 20,
+def latency_samples_ms(models: Mapping[str, Runnable], x: Tensor, warmup: int = 3, repeats: int = 20,
                        threads: int = 1) -> dict[str, list[float]]:
-    """Every timed forward of each model on batch `x`, in ms; models interleaved within each repeat."""
+    """Every timed forward of each model on batch `x`, in ms; models interleaved within each repeat.
+
+    `threads` is torch's thread count; a callable with its own thread pool (onnxruntime)
+    is set up with the same count by whoever builds it.
+    """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     names = list(models)
     times: dict[str, list[float]] = {name: [] for name in names}
     with num_threads(threads), torch.inference_mode():
         for model in models.values():
-            model.eval()
+            if isinstance(model, nn.Module):
+                model.eval()
         for _ in range(warmup):  # interleaved too, so no model is timed on a cache the other warmed
             for name in names:
                 models[name](x)
@@ -95,14 +106,14 @@ def measurable_difference(a: Sequence[float], b: Sequence[float], min_samples: i
     return sa.q3 < sb.q1 or sb.q3 < sa.q1
 
 
-def latency_spread_ms(models: Mapping[str, nn.Module], x: Tensor, warmup: int = 3, repeats: int = 20,
+def latency_spread_ms(models: Mapping[str, Runnable], x: Tensor, warmup: int = 3, repeats: int = 20,
                       threads: int = 1) -> tuple[dict[str, Spread], dict[str, list[float]]]:
     """Per model: the spread of its batch-inference latency (ms) on `x`, and the raw samples."""
     samples = latency_samples_ms(models, x, warmup, repeats, threads)
     return {name: spread(values) for name, values in samples.items()}, samples
 
 
-def median_latency_ms(models: Mapping[str, nn.Module], x: Tensor, warmup: int = 3, repeats: int = 20,
+def median_latency_ms(models: Mapping[str, Runnable], x: Tensor, warmup: int = 3, repeats: int = 20,
                       threads: int = 1) -> dict[str, float]:
     """Median batch-inference latency (ms) of each model on `x`."""
     samples = latency_samples_ms(models, x, warmup, repeats, threads)
