@@ -72,12 +72,23 @@ def validate_knobs(cfg: DictConfig) -> None:
         raise ConfigError(f"min_sparsity must be a percentage in [0, 100], got {cfg.min_sparsity}")
     check_budget(cfg)
     check_trainer_extras(cfg)
+    warn_iteration_mismatch(cfg)
     objective = cfg.get("objective", "val/select")
     names = [objective] if isinstance(objective, str) else objective
     if not isinstance(names, (list, ListConfig)) or not names or any(
             not isinstance(n, str) or not n.startswith("val/") for n in names):
         raise ConfigError(f"objective must name validation metrics (val/...), one or a list, e.g. objective=val/select "
                           f"or objective=[val/left/loss,val/right/loss]; got {_plain(objective)!r}")
+
+
+def warn_iteration_mismatch(cfg: DictConfig) -> None:
+    """GrOWL's outer iterations and the Chebyshev balancer's multiplier updates should last the same epochs."""
+    method_p = OmegaConf.select(cfg, "method.epochs_per_iteration", default=None)
+    balancer_p = OmegaConf.select(cfg, "balancer.epochs_per_iteration", default=None)
+    if method_p is not None and balancer_p is not None and method_p != balancer_p:
+        log.warning("method.epochs_per_iteration=%s but balancer.epochs_per_iteration=%s: the method's outer "
+                    "iterations and the balancer's multiplier updates fall on different epochs (set one; the "
+                    "method follows the balancer by default)", method_p, balancer_p)
 
 
 def _plain(value: Any) -> Any:

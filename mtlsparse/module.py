@@ -2,7 +2,9 @@
 
 It owns the training step (task losses → balancer → backward), calls the sparsity
 method's hooks at fixed points (after each optimizer step; at the end of each training
-epoch, before validation and checkpointing), and logs task and sparsity metrics.
+epoch, before validation and checkpointing), and logs task and sparsity metrics. The
+method's and balancer's fit/epoch hooks get a `TrainingState`, never this module; events
+a method announces on it go to the balancer's handler (`PhaseStarted` → `on_phase_started`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
 from mtlsparse.balancers.base import BalanceContext, Balancer
@@ -22,6 +25,7 @@ from mtlsparse.metrics.dense import check_reference, delta_m
 from mtlsparse.metrics.sparsity import group_sparsity, param_sparsity
 from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.base import SparsityMethod
+from mtlsparse.training_state import Event, PhaseStarted, TrainingState
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -65,6 +69,7 @@ class MultiTaskModule(L.LightningModule):
         self.train_seconds = 0.0
         self._epoch_t0 = 0.0
         self._pending_rng: dict[str, Any] | None = None
+        self._total_steps: float | None = None  # optimizer steps of the run, estimated when a hook asks
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.model(x)
@@ -85,7 +90,7 @@ class MultiTaskModule(L.LightningModule):
         out, rep = self._outputs(x)
         losses = self._losses(out, y)
         penalty = self.method.penalty() if self.balancer.uses_penalty else None
-        ctx = BalanceContext(self._shared_params, rep, self.global_step, self.current_epoch)
+        ctx = BalanceContext(self._shared_params, rep)
         loss = self.balancer(losses, penalty, ctx)
         aux = self.model.auxiliary_loss()
         if aux is not None:
@@ -172,7 +177,36 @@ class MultiTaskModule(L.LightningModule):
         self.method.after_optimizer_step(getattr(optimizer, "optimizer", optimizer))
 
     def on_fit_start(self) -> None:
-        self.method.on_fit_start(self)
+        self.method.on_fit_start(self.training_state())
+
+    def training_state(self) -> TrainingState:
+        """The declared view of this fit that the method's and balancer's hooks receive."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        shape = getattr(datamodule, "input_shape", None)
+        return TrainingState(model=self.model, epoch=self.current_epoch, step=self.global_step,
+                             max_epochs=self.trainer.max_epochs, steps_source=self._run_steps,
+                             input_shape=None if shape is None else tuple(shape), device=self.device,
+                             batch_source=self._train_batches, log=self.log_dict, announce=self._announce)
+
+    def _run_steps(self) -> float:
+        if self._total_steps is None:
+            self._total_steps = float(self.trainer.estimated_stepping_batches)
+        return self._total_steps
+
+    def _train_batches(self):
+        """A fresh pass over the datamodule's training loader, batches on this module's device."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            raise RuntimeError("this sparsity method reads training batches: fit with a datamodule "
+                               "(trainer.fit(module, datamodule=...))")
+        return (move_data_to_device(batch, self.device) for batch in datamodule.train_dataloader())
+
+    def _announce(self, event: Event) -> None:
+        """Hand an event to the part that declared a handler for it."""
+        if isinstance(event, PhaseStarted):
+            self.balancer.on_phase_started(event)
+        else:  # pragma: no cover - every Event type is dispatched above
+            raise TypeError(f"no handler for event {event!r}")
 
     def on_train_epoch_start(self) -> None:
         self._epoch_t0 = time.perf_counter()
@@ -190,8 +224,9 @@ class MultiTaskModule(L.LightningModule):
             return
         self._epoch_hooks_done = self.current_epoch
         self.train_seconds += time.perf_counter() - self._epoch_t0
-        self.method.on_train_epoch_end(self)
-        self.balancer.on_train_epoch_end(self)
+        state = self.training_state()
+        self.method.on_train_epoch_end(state)
+        self.balancer.on_train_epoch_end(state)
         self.log_dict({f"balancer/{k}": v for k, v in self.balancer.state_summary().items()}, sync_dist=True)
 
     # ------------------------------------------------------------------ resume

@@ -1,13 +1,12 @@
 """Chebyshev + Augmented Lagrangian balancer: constraint values, multiplier updates, learned t."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from mtlsparse.balancers import BalanceContext
 from mtlsparse.balancers.chebyshev import Chebyshev
+from mtlsparse.training_state import PhaseStarted, TrainingState
 
 EPS = 1e-4
 
@@ -27,7 +26,7 @@ def epoch(bal: Chebyshev, steps: list[tuple[float, float, float]], index: int) -
     bal.train()
     for pen, a, b in steps:
         bal(losses(a, b), torch.tensor(pen), BalanceContext())
-    bal.on_train_epoch_end(SimpleNamespace(current_epoch=index))
+    bal.on_train_epoch_end(TrainingState(epoch=index))
 
 
 def test_loss_is_the_augmented_lagrangian_of_the_chebyshev_constraints():
@@ -71,7 +70,7 @@ def test_eval_mode_forwards_do_not_enter_the_epoch_mean():
     bal = Chebyshev(["a", "b"], k=[0.5, 0.5], mu0=1.0, epochs_per_iteration=1)
     bal.eval()
     bal(losses(5.0, 5.0), None, BalanceContext())
-    bal.on_train_epoch_end(SimpleNamespace(current_epoch=0))
+    bal.on_train_epoch_end(TrainingState(epoch=0))
     torch.testing.assert_close(bal.lambdas, torch.full((3,), 1 / 3))
     assert float(bal.mu) == pytest.approx(1.0)
 
@@ -98,8 +97,8 @@ def test_reset_restarts_the_multipliers_and_skips_the_current_update():
     assert float(bal.mu) == pytest.approx(0.2)
     bal.train()
     bal(losses(1.0, 1.0), None, BalanceContext())
-    bal.reset_multipliers()  # as a sparsity method's epoch-end hook would, before the balancer's
-    bal.on_train_epoch_end(SimpleNamespace(current_epoch=1))
+    bal.on_phase_started(PhaseStarted(phase=2, epoch=1))  # GrOWL announces phase 2 at the end of epoch 1
+    bal.on_train_epoch_end(TrainingState(epoch=1))
     torch.testing.assert_close(bal.lambdas, torch.full((3,), 1 / 3))
     assert float(bal.mu) == pytest.approx(0.1)
     epoch(bal, [(0.0, 1.0, 1.0)], index=2)  # later iterations update again
@@ -156,7 +155,7 @@ def toy_run(k: list[float]) -> tuple[float, float]:
             opt.zero_grad()
             bal({"a": f[0], "b": f[1]}, None, BalanceContext()).backward()
             opt.step()
-        bal.on_train_epoch_end(SimpleNamespace(current_epoch=index))
+        bal.on_train_epoch_end(TrainingState(epoch=index))
     f = (x.detach() - targets).square().sum(1)
     return float(f[0]), float(f[1])
 

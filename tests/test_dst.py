@@ -12,7 +12,7 @@ from mtlsparse.sparsity.dst import SET, DiSparseDynamic, MinMaxDST, RigL, drop_s
 from mtlsparse.sparsity.masks import mask_of
 from mtlsparse.train import run
 
-from test_masks import attach, fake_module, train_steps
+from test_masks import attach, fit_state, train_steps
 
 
 def counts(method) -> list[int]:
@@ -110,7 +110,7 @@ def test_drop_fraction_follows_cosine_decay_on_update_steps():
 
 def test_end_fraction_sets_the_last_rewire_step():
     method, model = attach(SET(sparsity=0.5, end_fraction=0.75))
-    method.on_fit_start(fake_module(model, total_steps=400))
+    method.on_fit_start(fit_state(model, total_steps=400))
     assert method.rewire_until == 300 and method.end_step is None
 
 
@@ -122,7 +122,7 @@ def test_minmax_dst_rewires_at_the_configured_epochs_only():
     for epoch in range(8):
         hand_made_grads(method, epoch)
         before = masks(method)
-        method.on_train_epoch_end(fake_module(model, epoch))
+        method.on_train_epoch_end(fit_state(model, epoch))
         changed.append(any(not torch.equal(a, b) for a, b in zip(before, masks(method))))
         assert counts(method) == start
     assert changed == [False, True, False, True, False, False, False, False]
@@ -130,8 +130,7 @@ def test_minmax_dst_rewires_at_the_configured_epochs_only():
 
 def test_disparse_dynamic_regrows_the_or_of_per_task_gradient_tops(datamodule):
     method, model = attach(DiSparseDynamic(sparsity=0.8, num_batches=1))
-    module = fake_module(model, datamodule=datamodule)  # the method holds only a weak reference
-    method.on_fit_start(module)
+    method.on_fit_start(fit_state(model, datamodule=datamodule))  # it keeps the state's batch source
     start = counts(method)
     kept = mask_of(method.layers[0]).clone()
     kept[kept.nonzero()[:40].unbind(1)] = False  # pretend 40 were dropped
@@ -173,11 +172,11 @@ def test_dst_methods_hold_the_target_end_to_end(tiny_cfg, tmp_path, method):
 def test_a_run_too_short_for_any_rewire_says_so(caplog):
     method, model = attach(RigL(sparsity=0.8, update_interval=100))
     with caplog.at_level(logging.WARNING):
-        method.on_fit_start(fake_module(model, total_steps=1000))  # rewires until step 750
+        method.on_fit_start(fit_state(model, total_steps=1000))  # rewires until step 750
     assert "does no rewire" not in caplog.text
     method, model = attach(RigL(sparsity=0.8, update_interval=100))
     with caplog.at_level(logging.WARNING):
-        method.on_fit_start(fake_module(model, total_steps=40))  # rewiring ends at step 30
+        method.on_fit_start(fit_state(model, total_steps=40))  # rewiring ends at step 30
     assert "RigL does no rewire" in caplog.text and "method.update_interval=100" in caplog.text
     caplog.clear()
     minmax = MinMaxDST(sparsity=0.8, update_every=2)

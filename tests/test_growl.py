@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from mtlsparse.sparsity.layers import group_norms, group_view
 from mtlsparse.sparsity.owl import cap_zero_rows_, growl_prox_, owl_prox, owl_value, spike_weights
 from mtlsparse.sparsity.tying import cluster_rows, tie_rows_
 from mtlsparse.tasks import Task
+from mtlsparse.training_state import TrainingState
 
 from conftest import compose_cfg
 
@@ -28,9 +28,9 @@ def growl_objective(w: torch.Tensor, z: torch.Tensor, theta: torch.Tensor) -> to
     return 0.5 * ((w - z) ** 2).sum() + owl_value(group_norms(w), theta)
 
 
-def fake_module(epoch: int) -> SimpleNamespace:
-    """What GrOWL's epoch-end hook reads from the LightningModule."""
-    return SimpleNamespace(current_epoch=epoch, log_dict=lambda *args, **kwargs: None)
+def at_epoch(epoch: int, events: list | None = None) -> TrainingState:
+    """The state GrOWL's epoch-end hook receives; announced events go to `events`."""
+    return TrainingState(epoch=epoch, announce=(events if events is not None else []).append)
 
 
 def tiny_hps() -> HPS:
@@ -158,7 +158,7 @@ def test_epoch_end_prox_respects_the_growing_cap():
     for epoch, cap in ((0, 0.2), (1, 0.4)):
         norms = {layer.name: group_norms(layer.weight.detach()) for layer in method.layers}
         method.after_optimizer_step(optimizer)
-        method.on_train_epoch_end(fake_module(epoch))
+        method.on_train_epoch_end(at_epoch(epoch))
         for layer in method.layers:
             zero = group_norms(layer.weight) == 0
             allowed = int(cap * layer.num_groups + 1e-9)
@@ -196,7 +196,7 @@ def test_phase_two_ties_rows_and_keeps_zero_rows_zero_after_optimizer_steps():
     model_params = [p for layer in method.layers for p in layer.module.parameters()]
     optimizer = torch.optim.Adam(model_params, lr=0.1)
     method.after_optimizer_step(optimizer)
-    method.on_train_epoch_end(fake_module(0))  # last phase-1 epoch: prox, cap, cluster, tie
+    method.on_train_epoch_end(at_epoch(0))  # last phase-1 epoch: prox, cap, cluster, tie
     assert method.tied and method.masks() is not None
     for _ in range(3):  # gradients reach every row; the fixed support must survive each step
         optimizer.zero_grad()
@@ -205,7 +205,7 @@ def test_phase_two_ties_rows_and_keeps_zero_rows_zero_after_optimizer_steps():
         method.after_optimizer_step(optimizer)
         for layer, mask in zip(method.layers, method.masks().values()):
             assert torch.all(layer.weight[~mask] == 0) and (~mask).any() and layer.weight[mask].abs().min() > 0
-    method.on_train_epoch_end(fake_module(1))  # phase 2 epoch end: tie again
+    method.on_train_epoch_end(at_epoch(1))  # phase 2 epoch end: tie again
     for layer, ids in zip(method.layers, method.clusters().values()):
         rows = group_view(layer.weight.detach())
         assert 0 < int((ids >= 0).sum()) and int(ids.max()) + 1 < int((ids >= 0).sum())  # some rows share
@@ -216,7 +216,7 @@ def test_phase_two_ties_rows_and_keeps_zero_rows_zero_after_optimizer_steps():
 
 def test_clusters_live_in_the_state_dict():
     method = bound_growl(epochs_per_iteration=1, phase1_iterations=1)
-    method.on_train_epoch_end(fake_module(0))
+    method.on_train_epoch_end(at_epoch(0))
     restored = bound_growl(epochs_per_iteration=1, phase1_iterations=1)
     restored.load_state_dict(method.state_dict())
     assert restored.tied and cluster_buffer_name("trunk.7") == "clusters_trunk_7"

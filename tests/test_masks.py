@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from mtlsparse.sparsity.allocation import erk_densities, global_masks, kept_coun
 from mtlsparse.sparsity.mask_analysis import layer_iou, mask_iou, write_mask_report
 from mtlsparse.sparsity.masks import MaskedMethod, TaskMasks, layer_tasks, mask_of, set_mask_
 from mtlsparse.train import build_module, build_trainer, run
+from mtlsparse.training_state import TrainingState
 
 TASKS = Synthetic(num_tasks=2).tasks
 IN_SHAPE = (1, 16, 16)
@@ -36,15 +36,11 @@ def attach(method, model=None):
     return method, model
 
 
-class FakeModule(SimpleNamespace):
-    """A namespace that, like a LightningModule, can be weakly referenced."""
-
-
-def fake_module(model, epoch: int = 0, datamodule=None, max_epochs: int = 30, total_steps: int = 1000):
-    """The parts of MultiTaskModule (and its trainer) the sparsity hooks read."""
-    trainer = SimpleNamespace(max_epochs=max_epochs, datamodule=datamodule, estimated_stepping_batches=total_steps)
-    return FakeModule(model=model, tasks=getattr(model, "tasks", None), current_epoch=epoch, device=torch.device("cpu"),
-                           trainer=trainer)
+def fit_state(model, epoch: int = 0, datamodule=None, max_epochs: int = 30, total_steps: int = 1000):
+    """A TrainingState as the training loop builds it, batches from `datamodule` (if given)."""
+    source = datamodule.train_dataloader if datamodule is not None else TrainingState().batch_source
+    return TrainingState(model=model, epoch=epoch, max_epochs=max_epochs, steps_source=lambda: total_steps,
+                         batch_source=lambda: iter(source()))
 
 
 def train_steps(model, method, optimizer, steps: int) -> None:

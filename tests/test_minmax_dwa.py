@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mtlsparse.balancers import BalanceContext
 from mtlsparse.balancers.dwa import DWA
 from mtlsparse.balancers.minmax import MinMax, project_simplex
+from mtlsparse.training_state import TrainingState
 
 CTX = BalanceContext()
 
@@ -70,7 +71,7 @@ def test_minmax_epoch_update_moves_weight_to_the_larger_loss():
     bal = MinMax(["a", "b"], beta=10.0, gamma=0.0)
     feed(bal, 3, a=2.0, b=0.5)
     assert bal.state_summary() == {"w/a": 0.5, "w/b": 0.5}  # no update during the epoch
-    bal.on_train_epoch_end(None)
+    bal.on_train_epoch_end(TrainingState())
     # w + L/β = (0.7, 0.55) → projection subtracts 0.125 from both
     torch.testing.assert_close(bal.w, torch.tensor([0.575, 0.425]))
     assert bal.meter.count == 0
@@ -81,7 +82,7 @@ def test_minmax_gamma_pulls_towards_uniform():
         bal = MinMax(["a", "b"], beta=10.0, gamma=gamma)
         bal.w.copy_(torch.tensor([1.0, 0.0]))
         feed(bal, 1, a=1.0, b=1.0)  # equal losses: only γ can change w
-        bal.on_train_epoch_end(None)
+        bal.on_train_epoch_end(TrainingState())
         return bal.w
 
     torch.testing.assert_close(step(0.0), torch.tensor([1.0, 0.0]))
@@ -96,7 +97,7 @@ def test_minmax_update_every_n_steps_uses_the_new_weights_from_the_next_step():
     out.backward()  # the in-place update of w must not break this step's backward
     assert float(out.detach()) == pytest.approx(0.5 * 2.0 + 0.5 * 0.5)
     torch.testing.assert_close(bal.w, torch.tensor([0.575, 0.425]))
-    bal.on_train_epoch_end(None)  # epoch end does nothing in step mode
+    bal.on_train_epoch_end(TrainingState())  # epoch end does nothing in step mode
     torch.testing.assert_close(bal.w, torch.tensor([0.575, 0.425]))
     assert float(bal(losses(2.0, 0.5), None, CTX)) == pytest.approx(0.575 * 2.0 + 0.425 * 0.5)
 
@@ -104,14 +105,14 @@ def test_minmax_update_every_n_steps_uses_the_new_weights_from_the_next_step():
 def test_minmax_eval_forward_does_not_accumulate():
     bal = MinMax(["a", "b"]).eval()
     feed(bal, 2, a=5.0, b=0.0)
-    bal.on_train_epoch_end(None)
+    bal.on_train_epoch_end(TrainingState())
     assert bal.meter.count == 0 and bal.state_summary() == {"w/a": 0.5, "w/b": 0.5}
 
 
 def test_minmax_weights_survive_state_dict_round_trip():
     bal = MinMax(["a", "b"], beta=10.0)
     feed(bal, 2, a=3.0, b=1.0)
-    bal.on_train_epoch_end(None)
+    bal.on_train_epoch_end(TrainingState())
     fresh = MinMax(["a", "b"], beta=10.0)
     fresh.load_state_dict(bal.state_dict())
     assert set(bal.state_dict()) == {"w"}  # the loss window is not state (see LossMeter)
@@ -148,7 +149,7 @@ def _ddp_rank(rank: int, tmp: str) -> None:
         model = DistributedDataParallel(_Wrapped())
         for _ in range(2):
             model([3.0, 1.0][rank], 0.5).backward()  # the ranks see different losses: mean a = 2
-        model.module.balancer.on_train_epoch_end(None)
+        model.module.balancer.on_train_epoch_end(TrainingState())
         torch.save(model.module.balancer.w, f"{tmp}/w{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -175,7 +176,7 @@ def test_dwa_weights_are_one_for_the_first_two_epochs_then_favour_the_slower_tas
     for a, b in ((1.0, 1.0), (0.9, 0.5)):
         feed(bal, 2, a, b)
         assert float(bal(losses(a, b), None, CTX)) == pytest.approx(a + b)  # w = 1
-        bal.on_train_epoch_end(None)
+        bal.on_train_epoch_end(TrainingState())
     ratios = torch.tensor([0.9, 0.5])  # a's loss fell less
     expected = 2 * torch.softmax(ratios / 2.0, dim=0)
     torch.testing.assert_close(bal.w, expected)
@@ -189,7 +190,7 @@ def test_dwa_uses_epoch_mean_losses_and_the_last_two_epochs():
     for values in ([(4.0, 1.0, 1.0), (2.0, 1.0, 1.0)], [(3.0, 1.0, 2.0)], [(3.0, 2.0, 1.0)]):
         for a, b, c in values:
             bal({"a": torch.tensor(a), "b": torch.tensor(b), "c": torch.tensor(c)}, None, CTX)
-        bal.on_train_epoch_end(None)
+        bal.on_train_epoch_end(TrainingState())
     ratios = torch.tensor([3.0 / 3.0, 2.0 / 1.0, 1.0 / 2.0])  # epoch means (3,1,1), (3,1,2), (3,2,1)
     torch.testing.assert_close(bal.w, 3 * torch.softmax(ratios, dim=0))
     assert float(bal.w.sum()) == pytest.approx(3.0)
@@ -199,7 +200,7 @@ def test_dwa_state_survives_state_dict_round_trip_and_adds_the_penalty():
     bal = DWA(["a", "b"], k0=0.1)
     for a in (1.0, 0.5, 0.4):
         feed(bal, 1, a, 1.0)
-        bal.on_train_epoch_end(None)
+        bal.on_train_epoch_end(TrainingState())
     fresh = DWA(["a", "b"], k0=0.1)
     fresh.load_state_dict(bal.state_dict())
     for name in ("w", "history", "epochs_recorded"):

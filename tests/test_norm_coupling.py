@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from mtlsparse.sparsity.layers import group_norms, group_view
 from mtlsparse.sparsity.norm_coupling import stack_groups, unstack_groups_
 from mtlsparse.sparsity.prox import group_prox_, group_prox_metric_
 from mtlsparse.tasks import Task
+from mtlsparse.training_state import TrainingState
 
 SHAPE = (1, 16, 16)
 
@@ -159,9 +159,8 @@ def test_penalty_sums_coupled_group_norms():
 def test_coupling_without_a_datamodule_is_a_clear_error():
     method = GroupLasso(lam=0.1, couple_norms=True)
     method.setup(bn_hps())
-    module = SimpleNamespace(trainer=SimpleNamespace(datamodule=None), model=bn_hps())
     with pytest.raises(ValueError, match="method.couple_norms=false"):
-        method.on_fit_start(module)
+        method.on_fit_start(TrainingState(model=bn_hps()))  # no input shape: nothing to trace
 
 
 def test_growl_prox_and_cap_act_on_coupled_rows():

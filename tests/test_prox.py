@@ -6,6 +6,7 @@ import torch
 
 from mtlsparse.sparsity.layers import group_norms, group_view
 from mtlsparse.sparsity.prox import group_prox_, group_prox_metric_, soft_threshold_
+from mtlsparse.training_state import TrainingState
 
 
 def test_soft_threshold_zeroes_small_entries_and_shrinks_others():
@@ -162,8 +163,6 @@ def test_adam_prox_with_non_adam_optimizer_is_a_clear_error():
 
 def test_refit_freezes_the_support_and_stops_shrinking():
     """With finetune_epochs, the last epochs keep zero groups at zero and no longer shrink the others."""
-    from types import SimpleNamespace
-
     model, method, opt = _adam_step_then_prox("group_lasso", "plain")
     method = type(method)(lam=0.05, prox="plain", finetune_epochs=2)
     method.setup(model)
@@ -171,11 +170,9 @@ def test_refit_freezes_the_support_and_stops_shrinking():
     with torch.no_grad():
         layer.weight[:, :4] = 0
     method.set_budget(5)
-    module = SimpleNamespace(current_epoch=1)
-    method.on_train_epoch_end(module)
+    method.on_train_epoch_end(TrainingState(epoch=1))
     assert not method.refitting and method.masks() is None  # 3 epochs left > 2
-    module.current_epoch = 2
-    method.on_train_epoch_end(module)
+    method.on_train_epoch_end(TrainingState(epoch=2))
     assert method.refitting and torch.equal(method.masks()[layer.name][:, :4], torch.zeros_like(layer.weight[:, :4],
                                                                                                  dtype=torch.bool))
     for _ in range(3):

@@ -12,7 +12,7 @@ from mtlsparse.sparsity.schedules import cubic_sparsity
 from mtlsparse.sparsity.snip import SNIP, DiSparseStatic, task_gradient_magnitudes
 from mtlsparse.train import run
 
-from test_masks import TASKS, attach, fake_module, train_steps
+from test_masks import TASKS, attach, fit_state, train_steps
 
 
 def mask_sparsity(method) -> float:
@@ -25,9 +25,9 @@ def test_magnitude_one_shot_prunes_the_smallest_weights_at_prune_epoch():
     method.set_budget(30)
     before = [layer.weight.detach().clone() for layer in method.layers]
     for epoch in range(2):
-        method.on_train_epoch_end(fake_module(None, epoch))
+        method.on_train_epoch_end(fit_state(None, epoch))
     assert mask_sparsity(method) == 0
-    method.on_train_epoch_end(fake_module(None, 2))
+    method.on_train_epoch_end(fit_state(None, 2))
     assert mask_sparsity(method) == pytest.approx(0.8, abs=1e-3)
     kept = torch.cat([w[mask_of(layer)].abs() for w, layer in zip(before, method.layers)])
     pruned = torch.cat([w[~mask_of(layer)].abs() for w, layer in zip(before, method.layers)])
@@ -44,7 +44,7 @@ def test_magnitude_gradual_follows_the_cubic_schedule_and_never_revives():
         expected = 0.9 * (1 - (1 - epoch / 4) ** 3)
         assert method.target_after(epoch) == pytest.approx(expected)
         assert cubic_sparsity(epoch / 4, 0.9) == pytest.approx(expected)
-        method.on_train_epoch_end(fake_module(None, epoch))
+        method.on_train_epoch_end(fit_state(None, epoch))
         assert mask_sparsity(method) == pytest.approx(expected, abs=1e-3)
         current = torch.cat([mask_of(layer).flatten() for layer in method.layers])
         assert not previous.numel() or not torch.any(current & ~previous)  # pruned weights stay pruned
@@ -55,8 +55,7 @@ def test_reweighted_l1_stage_boundaries():
     """pretrain 1 epoch, reweight epochs 1–3 (R refreshed every 2), prune at the end of epoch 3, retrain."""
     method, model = attach(ReweightedL1(sparsity=0.75, c=1e-3, pretrain_epochs=1, reweight_epochs=3, refresh_every=2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    module = fake_module(model, max_epochs=6)
-    method.on_fit_start(module)
+    method.on_fit_start(fit_state(model, max_epochs=6))
     stages = [method.stage(e) for e in range(6)]
     assert stages == ["pretrain", "reweight", "reweight", "reweight", "retrain", "retrain"]
 
@@ -68,8 +67,7 @@ def test_reweighted_l1_stage_boundaries():
     assert all(torch.all(r == 1) for r in method.reweights())
 
     def end_epoch(epoch):
-        module.current_epoch = epoch
-        method.on_train_epoch_end(module)
+        method.on_train_epoch_end(fit_state(model, epoch, max_epochs=6))
 
     def expected_r():
         return [1 / (layer.weight.detach().abs() + method.delta) for layer in method.layers]
@@ -102,7 +100,7 @@ def test_reweighted_l1_stage_boundaries():
 
 def test_snip_keeps_the_top_summed_task_sensitivities(datamodule):
     method, model = attach(SNIP(sparsity=0.9, num_batches=2))
-    module = fake_module(model, datamodule=datamodule)
+    module = fit_state(model, datamodule=datamodule)
     weights = [layer.weight.detach().clone() for layer in method.layers]
     datamodule._shuffle_generator.manual_seed(0)
     grads = task_gradient_magnitudes(module, method.layers, 2)

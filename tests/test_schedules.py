@@ -24,7 +24,7 @@ from mtlsparse.sparsity.reweighted_l1 import ReweightedL1
 from mtlsparse.train import run
 
 from conftest import REPO, compose_cfg
-from test_masks import attach, fake_module
+from test_masks import attach, fit_state
 
 METHOD_DIR = Path(REPO, "conf", "method")
 
@@ -219,7 +219,7 @@ def test_fractions_need_a_finite_budget():
 def test_rigl_end_step_past_the_run_is_a_config_error():
     method, model = attach(RigL(sparsity=0.8, end_step=500))
     with pytest.raises(ConfigError, match=r"method.end_step=500 is past .*\(400 steps.*method.end_fraction"):
-        method.on_fit_start(fake_module(model, total_steps=400))
+        method.on_fit_start(fit_state(model, total_steps=400))
 
 
 def test_the_run_rejects_an_unreachable_epoch_before_training(tiny_cfg, tmp_path):

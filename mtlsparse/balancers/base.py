@@ -2,32 +2,28 @@
 
 Balancers are `nn.Module`s so learnable state (log-variances, Chebyshev's t) is seen
 by the optimizer and saved in checkpoints. Gradient-based balancers read shared
-parameters / the shared representation from `BalanceContext`.
+parameters / the shared representation from `BalanceContext` (per step); epoch-level hooks
+and event handlers receive the declared `TrainingState` / events of mtlsparse.training_state.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from mtlsparse.errors import ConfigError
 from mtlsparse.gradients import rank_sum_
-
-if TYPE_CHECKING:  # pragma: no cover
-    import lightning as L
+from mtlsparse.training_state import PhaseStarted, TrainingState
 
 
 @dataclass
 class BalanceContext:
-    """What a balancer may need beyond the losses."""
+    """What a balancer may need at a training step beyond the losses."""
 
     shared_params: list[nn.Parameter] = field(default_factory=list)
     representation: Tensor | None = None
-    step: int = 0
-    epoch: int = 0
 
 
 def preference_weights(tasks: Sequence[str], k: Sequence[float] | None) -> list[float]:
@@ -125,5 +121,8 @@ class Balancer(nn.Module):
         """Scalars worth logging each epoch (weights, multipliers)."""
         return {}
 
-    def on_train_epoch_end(self, module: L.LightningModule) -> None:
+    def on_train_epoch_end(self, state: TrainingState) -> None:
         """Epoch-level updates (AL multipliers, min-max ascent)."""
+
+    def on_phase_started(self, event: PhaseStarted) -> None:
+        """A sparsity method announced a new phase (GrOWL's phase 2); the default ignores it."""

@@ -13,15 +13,12 @@ after every outer iteration of `epochs_per_iteration` epochs the multipliers mov
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from mtlsparse.balancers.base import BalanceContext, Balancer, LossMeter
-
-if TYPE_CHECKING:  # pragma: no cover
-    import lightning as L
+from mtlsparse.training_state import PhaseStarted, TrainingState
 
 SPARSITY_NAME = "L0"
 
@@ -60,7 +57,7 @@ class Chebyshev(Balancer):
         self.register_buffer("mu", torch.tensor(float(mu0)))
         self.register_buffer("h_mean", torch.zeros(n), persistent=False)  # H̄ of the last epoch, for logging
         self._h_meter = LossMeter(n)  # this epoch's H, averaged over steps and DDP ranks
-        self._skip_update = False
+        self._restarted_after: int | None = None  # epoch whose end restarted the AL (its update is skipped)
 
     @property
     def objective_names(self) -> list[str]:
@@ -82,28 +79,33 @@ class Chebyshev(Balancer):
             self._h_meter.add(h)
         return self.t + self.lambdas @ h + 0.5 * self.mu * h.square().sum()
 
-    def on_train_epoch_end(self, module: L.LightningModule) -> None:
+    def on_train_epoch_end(self, state: TrainingState) -> None:
         """Store this epoch's H̄; at the end of an outer iteration update λ and μ."""
         h_mean = self._h_meter.pop_mean()  # same on every rank, hence the same λ, μ
         if h_mean is None:
             return
         self.h_mean.copy_(h_mean)
-        if self._skip_update:
-            self._skip_update = False
-        elif (module.current_epoch + 1) % self.epochs_per_iteration == 0:
+        if self._restarted_after == state.epoch:
+            return  # the restart at this epoch's end already set λ, μ
+        if (state.epoch + 1) % self.epochs_per_iteration == 0:
             lambdas = self.lambdas + self.mu * self.h_mean
             self.lambdas.copy_(lambdas.clamp_min(0) if self.inequality else lambdas)
             self.mu.mul_(self.rho)
 
-    def reset_multipliers(self) -> None:
-        """Restart the AL at λ = 1/(m+1), μ = μ_0, as Algorithm 1 does for phase 2 (retraining).
+    def on_phase_started(self, event: PhaseStarted) -> None:
+        """Phase 2 (retraining the fixed support) restarts the AL, as Algorithm 1 does."""
+        if event.phase == 2:
+            self.reset_multipliers(after_epoch=event.epoch)
 
-        Meant for a sparsity method's epoch-end hook, which runs just before this balancer's:
-        the multiplier update of the current epoch is then skipped.
+    def reset_multipliers(self, after_epoch: int) -> None:
+        """Restart the AL at λ = 1/(m+1), μ = μ_0 at the end of `after_epoch`, whose update is then skipped.
+
+        Whichever of the restart and this epoch's `on_train_epoch_end` comes first, the epoch
+        ends with the restarted multipliers.
         """
         self.lambdas.fill_(1.0 / self.lambdas.numel())
         self.mu.fill_(self.mu0)
-        self._skip_update = True
+        self._restarted_after = after_epoch
 
     def state_summary(self) -> dict[str, float]:
         summary = {"t": float(self.t.detach()), "mu": float(self.mu)}

@@ -8,15 +8,12 @@ The preference `k` is not used (the paper has none).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from mtlsparse.balancers.base import BalanceContext, Balancer, LossMeter
-
-if TYPE_CHECKING:  # pragma: no cover
-    import lightning as L
+from mtlsparse.training_state import TrainingState
 
 
 class DWA(Balancer):
@@ -45,7 +42,7 @@ class DWA(Balancer):
         return self.add_penalty((self.w * vec).sum(), penalty)
 
     @torch.no_grad()
-    def on_train_epoch_end(self, module: L.LightningModule) -> None:
+    def on_train_epoch_end(self, state: TrainingState) -> None:
         """Record this epoch's mean losses and set the weights for the next epoch."""
         mean_losses = self.meter.pop_mean()
         if mean_losses is None:

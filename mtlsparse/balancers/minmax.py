@@ -12,15 +12,12 @@ preference `k` is not used (the paper has none: w *is* the adversary's preferenc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from mtlsparse.balancers.base import BalanceContext, Balancer, LossMeter
-
-if TYPE_CHECKING:  # pragma: no cover
-    import lightning as L
+from mtlsparse.training_state import TrainingState
 
 
 def project_simplex(v: Tensor) -> Tensor:
@@ -86,7 +83,7 @@ class MinMax(Balancer):
         uniform = 1.0 / len(self.tasks)
         self.w.copy_(project_simplex(self.w + (mean_losses - self.gamma * (self.w - uniform)) / self.beta))
 
-    def on_train_epoch_end(self, module: L.LightningModule) -> None:
+    def on_train_epoch_end(self, state: TrainingState) -> None:
         if self.every_n_steps is None:
             self.update()
 

@@ -1,12 +1,14 @@
 """The sparsity-method contract: hooks the LightningModule calls at fixed points.
 
+Fit- and epoch-level hooks receive a `TrainingState` (mtlsparse.training_state), the whole
+of what a method may know about the run; a method tells the balancer about a phase change
+by announcing `PhaseStarted` on it.
+
 A method is an `nn.Module` so any state it keeps (buffers, schedules, step counters)
 lands in the LightningModule's `state_dict` and therefore in checkpoints. Weights and
 masks themselves live on the model; the method only acts on them.
 """
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -14,9 +16,7 @@ from torch import Tensor, nn
 from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.layers import PrunableLayer, prunable_layers
 from mtlsparse.sparsity.scope import Scope, ScopeLike
-
-if TYPE_CHECKING:  # pragma: no cover
-    import lightning as L
+from mtlsparse.training_state import TrainingState
 
 
 class SparsityMethod(nn.Module):
@@ -42,10 +42,10 @@ class SparsityMethod(nn.Module):
         """
         self.budget_set = True
 
-    def ensure_budget(self, module: L.LightningModule) -> None:
-        """Fit-start fallback: take the trainer's max_epochs when `set_budget` was not called."""
+    def ensure_budget(self, state: TrainingState) -> None:
+        """Fit-start fallback: take the run's max_epochs when `set_budget` was not called."""
         if not self.budget_set:
-            self.set_budget(getattr(getattr(module, "trainer", None), "max_epochs", None))
+            self.set_budget(state.max_epochs)
 
     def setup(self, model: MultiTaskModel) -> None:
         """Bind to the model: find the layers this method acts on."""
@@ -62,11 +62,11 @@ class SparsityMethod(nn.Module):
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Runs after every optimizer step (prox operators, mask re-application)."""
 
-    def on_fit_start(self, module: L.LightningModule) -> None:
+    def on_fit_start(self, state: TrainingState) -> None:
         """Runs once before training (mask initialisation from data, e.g. SNIP); subclasses call super()."""
-        self.ensure_budget(module)
+        self.ensure_budget(state)
 
-    def on_train_epoch_end(self, module: L.LightningModule) -> None:
+    def on_train_epoch_end(self, state: TrainingState) -> None:
         """Runs after each training epoch (thresholding, schedules, phase changes)."""
 
     def masks(self) -> dict[str, Tensor] | None:

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -42,9 +40,7 @@ from mtlsparse.sparsity.masks import MaskedMethod, TaskMasks, apply_masks_, laye
 from mtlsparse.sparsity.schedules import cosine_fraction
 from mtlsparse.sparsity.scope import ScopeLike
 from mtlsparse.sparsity.snip import task_gradient_magnitudes
-
-if TYPE_CHECKING:  # pragma: no cover
-    import lightning as L
+from mtlsparse.training_state import TrainingState
 
 log = logging.getLogger(__name__)
 SEED_STRIDE = 1_000_003  # (seed, step) → one generator seed; prime so nearby seeds don't share streams
@@ -127,10 +123,10 @@ class ScheduledDST(DynamicSparse):
         self.end_step, self.end_fraction = end_step, end_fraction
         self.rewire_until = end_step  # resolved from end_fraction at fit start when end_step is None
 
-    def on_fit_start(self, module: L.LightningModule) -> None:
+    def on_fit_start(self, state: TrainingState) -> None:
         """Resolve the last rewire step from the run's optimizer steps (known only once data is set up)."""
-        super().on_fit_start(module)
-        total = module.trainer.estimated_stepping_batches
+        super().on_fit_start(state)
+        total = state.total_steps
         if self.end_step is None:
             if not math.isfinite(total):
                 raise ConfigError("method.end_fraction needs a finite run length (trainer.max_epochs or max_steps); "
@@ -190,7 +186,7 @@ class DiSparseDynamic(ScheduledDST):
         if num_batches < 1:
             raise ValueError(f"method.num_batches must be >= 1, got {num_batches}")
         self.num_batches = num_batches
-        self._module: weakref.ref | None = None
+        self._train_state: TrainingState | None = None  # kept from on_fit_start: rewires draw batches
 
     def setup(self, model: MultiTaskModel) -> None:
         super().setup(model)
@@ -202,15 +198,14 @@ class DiSparseDynamic(ScheduledDST):
         """{layer name: {task: mask}} for the tasks that use each layer."""
         return self.per_task_masks.as_dict()
 
-    def on_fit_start(self, module: L.LightningModule) -> None:
-        super().on_fit_start(module)
-        self._module = weakref.ref(module)  # a weakref: a plain attribute would make the module our child
+    def on_fit_start(self, state: TrainingState) -> None:
+        super().on_fit_start(state)
+        self._train_state = state
 
     def regrow_scores(self) -> list[Tensor]:
-        module = self._module() if self._module is not None else None
-        if module is None:
-            raise RuntimeError("DiSparseDynamic needs on_fit_start(module) before rewiring (it reads training batches)")
-        grads = task_gradient_magnitudes(module, self.layers, self.num_batches)
+        if self._train_state is None:
+            raise RuntimeError("DiSparseDynamic needs on_fit_start(state) before rewiring (it reads training batches)")
+        grads = task_gradient_magnitudes(self._train_state, self.layers, self.num_batches)
         return [torch.stack([grads[task][index] for task in owners])
                 for index, owners in enumerate(self.per_task_masks.tasks)]
 
@@ -257,6 +252,6 @@ class MinMaxDST(DynamicSparse):
     def regrow_scores(self) -> list[Tensor]:
         return gradient_magnitudes(self.layers)
 
-    def on_train_epoch_end(self, module: L.LightningModule) -> None:
-        if self.rewires_after(module.current_epoch):
+    def on_train_epoch_end(self, state: TrainingState) -> None:
+        if self.rewires_after(state.epoch):
             self.rewire(self.regrow_fraction)

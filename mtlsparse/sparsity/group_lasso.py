@@ -13,7 +13,6 @@ FC features and whole conv outputs go, and the compute-heavy early channels stay
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -24,9 +23,7 @@ from mtlsparse.sparsity.norm_coupling import NormCoupling, stack_groups
 from mtlsparse.sparsity.prox import group_prox_, group_prox_metric_
 from mtlsparse.sparsity.prox_method import ProxMethod
 from mtlsparse.sparsity.scope import ScopeLike
-
-if TYPE_CHECKING:  # pragma: no cover
-    import lightning as L
+from mtlsparse.training_state import TrainingState
 
 PROX_VARIANTS = ("plain", "adam")
 
@@ -55,9 +52,9 @@ class GroupLasso(NormCoupling, ProxMethod):
         self.prox = prox
         self.init_coupling(couple_norms)
 
-    def on_fit_start(self, module: L.LightningModule) -> None:
-        self.couple_at_fit_start(module)
-        super().on_fit_start(module)
+    def on_fit_start(self, state: TrainingState) -> None:
+        self.couple_at_fit_start(state)
+        super().on_fit_start(state)
 
     def penalty(self) -> Tensor | None:
         return self.lam * sum(math.sqrt(self.group_size(layer)) * group_norms(self.grouped(layer)).sum()

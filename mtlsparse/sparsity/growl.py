@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -43,9 +42,7 @@ from mtlsparse.sparsity.norm_coupling import NormCoupling
 from mtlsparse.sparsity.owl import cap_zero_rows_, growl_prox_, owl_value, spike_weights
 from mtlsparse.sparsity.scope import ScopeLike
 from mtlsparse.sparsity.tying import ZERO_ROW, cluster_rows, tie_rows_, zero_rows_
-
-if TYPE_CHECKING:  # pragma: no cover
-    import lightning as L
+from mtlsparse.training_state import PhaseStarted, TrainingState
 
 log = logging.getLogger(__name__)
 
@@ -184,30 +181,29 @@ class GrOWL(NormCoupling, SparsityMethod):
         state = param_state(optimizer)
         self.prox_step += torch.tensor([state[id(layer.weight)][0]["lr"] for layer in self.layers]).to(self.prox_step)
 
-    def on_fit_start(self, module: L.LightningModule) -> None:
-        """Couple BN groups if asked; warn when the balancer's iterations disagree with the method's."""
-        self.couple_at_fit_start(module)
-        super().on_fit_start(module)
+    def on_fit_start(self, state: TrainingState) -> None:
+        """Couple BN groups if asked, then resolve the phases from the run's budget."""
+        self.couple_at_fit_start(state)
+        super().on_fit_start(state)
         log.info("GrOWL: phase 1 = epochs 0..%d (%d iterations), phase 2 = the rest", self.phase1_epochs - 1,
                  self.phase1_iterations)
-        balancer_p = getattr(module.balancer, "epochs_per_iteration", self.epochs_per_iteration)
-        if balancer_p != self.epochs_per_iteration:
-            log.warning("GrOWL iterations last method.epochs_per_iteration=%d epochs but the balancer's last %d",
-                        self.epochs_per_iteration, balancer_p)
 
-    def on_train_epoch_end(self, module: L.LightningModule) -> None:
-        """Phase 1: prox + cap (then cluster and tie after its last epoch). Phase 2: tie."""
-        epoch = module.current_epoch
+    def on_train_epoch_end(self, state: TrainingState) -> None:
+        """Phase 1: prox + cap (then cluster and tie after its last epoch). Phase 2: tie.
+
+        Announces `PhaseStarted(2)` when the first tie fixes the support: Algorithm 1 restarts
+        the augmented Lagrangian for phase 2 (the Chebyshev balancer's handler does that).
+        """
+        epoch = state.epoch
         if self.phase(epoch) == 1:
             self._prox(self.cap(epoch))
         if epoch + 1 >= self.phase1_epochs:
             starting_phase2 = not bool(self.tied)
             self._tie()
-            reset = getattr(getattr(module, "balancer", None), "reset_multipliers", None)
-            if starting_phase2 and reset is not None:
-                reset()  # Algorithm 1 restarts the augmented Lagrangian for phase 2
-        module.log_dict({"growl/phase": float(self.phase(epoch)), "growl/iteration": float(self.iteration(epoch)),
-                         "growl/cap": self.cap(epoch)})
+            if starting_phase2:
+                state.announce(PhaseStarted(phase=2, epoch=epoch))
+        state.log({"growl/phase": float(self.phase(epoch)), "growl/iteration": float(self.iteration(epoch)),
+                   "growl/cap": self.cap(epoch)})
 
     def masks(self) -> dict[str, Tensor] | None:
         """Support of the non-zero rows, broadcast to each weight's shape (phase 2 only)."""

@@ -8,8 +8,6 @@ the pruned model is what gets evaluated); weights removed once stay removed.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from mtlsparse.errors import ConfigError
@@ -18,9 +16,7 @@ from mtlsparse.sparsity.budget import check_epoch, check_fraction, finite_budget
 from mtlsparse.sparsity.masks import MaskedMethod, mask_of
 from mtlsparse.sparsity.schedules import gradual_sparsity
 from mtlsparse.sparsity.scope import ScopeLike
-
-if TYPE_CHECKING:  # pragma: no cover
-    import lightning as L
+from mtlsparse.training_state import TrainingState
 
 SCHEDULES = ("oneshot", "gradual")
 
@@ -79,7 +75,7 @@ class Magnitude(MaskedMethod):
             return self.sparsity if epoch == self.epochs["prune"] else None
         return gradual_sparsity(epoch, self.epochs["start"], self.epochs["end"], self.sparsity)
 
-    def on_train_epoch_end(self, module: L.LightningModule) -> None:
-        target = self.target_after(module.current_epoch)
+    def on_train_epoch_end(self, state: TrainingState) -> None:
+        target = self.target_after(state.epoch)
         if target is not None:
             magnitude_prune_(self, target, self.allocation)

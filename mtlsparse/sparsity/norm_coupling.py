@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
 from mtlsparse.sparsity.layers import PrunableLayer, group_view
-
-if TYPE_CHECKING:  # pragma: no cover
-    import lightning as L
+from mtlsparse.training_state import TrainingState
 
 log = logging.getLogger("mtlsparse")
 
@@ -106,14 +103,13 @@ class NormCoupling:
         self.couple_norms = couple_norms
         self.norms = {}  # layer name → coupled BatchNorm, found by `couple` at fit start
 
-    def couple_at_fit_start(self, module: L.LightningModule) -> None:
+    def couple_at_fit_start(self, state: TrainingState) -> None:
         if not self.couple_norms:
             return
-        datamodule = getattr(module.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "input_shape"):
+        if state.model is None or state.input_shape is None:
             raise ValueError("method.couple_norms=true traces the model on the datamodule's input_shape; "
                              "fit with a datamodule that has one, or set method.couple_norms=false")
-        self.couple(module.model, datamodule.input_shape)
+        self.couple(state.model, state.input_shape)
 
     def couple(self, model: nn.Module, input_shape: Sequence[int]) -> None:
         """Find each layer's producer BatchNorm; its γ, β join the layer's input groups."""

@@ -10,8 +10,6 @@ must leave that prox epoch (F <= trainer.max_epochs − 1).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
@@ -21,9 +19,7 @@ from mtlsparse.sparsity.base import SparsityMethod
 from mtlsparse.sparsity.budget import check_epoch, check_fraction, epoch_count, finite_budget, needs_budget
 from mtlsparse.sparsity.masks import add_mask, apply_masks_, mask_of, set_mask_
 from mtlsparse.sparsity.scope import ScopeLike
-
-if TYPE_CHECKING:  # pragma: no cover
-    import lightning as L
+from mtlsparse.training_state import TrainingState
 
 
 class ProxMethod(SparsityMethod):
@@ -85,11 +81,11 @@ class ProxMethod(SparsityMethod):
             self.prox_(optimizer)
 
     @torch.no_grad()
-    def on_train_epoch_end(self, module: L.LightningModule) -> None:
+    def on_train_epoch_end(self, state: TrainingState) -> None:
         """Freeze the support when only the refit's F epochs are left."""
         if self.refit_epochs is None and self.refits:
             raise RuntimeError(f"{type(self).__name__}: call set_budget(trainer.max_epochs) before training")
-        if self.freeze_after is not None and not self.refitting and module.current_epoch >= self.freeze_after:
+        if self.freeze_after is not None and not self.refitting and state.epoch >= self.freeze_after:
             for layer in self.layers:
                 set_mask_(layer, layer.weight != 0)
             self.refitting.fill_(True)

@@ -10,8 +10,6 @@ schedule convention of `budget.py`: `prune_fraction` of the run, or an explicit
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from mtlsparse.sparsity.allocation import layer_counts
@@ -19,9 +17,7 @@ from mtlsparse.sparsity.budget import check_epoch, check_fraction, finite_budget
 from mtlsparse.sparsity.dst import step_generator
 from mtlsparse.sparsity.masks import MaskedMethod, mask_of, topk_mask
 from mtlsparse.sparsity.scope import ScopeLike
-
-if TYPE_CHECKING:  # pragma: no cover
-    import lightning as L
+from mtlsparse.training_state import TrainingState
 
 
 class RandomPrune(MaskedMethod):
@@ -55,8 +51,8 @@ class RandomPrune(MaskedMethod):
             masks.append(topk_mask(torch.where(mask, score, -1.0), min(k, int(mask.sum()))))
         self.set_masks_(masks)
 
-    def on_train_epoch_end(self, module: L.LightningModule) -> None:
+    def on_train_epoch_end(self, state: TrainingState) -> None:
         if self.epoch is None:
             raise RuntimeError("RandomPrune: call set_budget(trainer.max_epochs) before training")
-        if module.current_epoch == self.epoch:
-            self.prune_(module.current_epoch)
+        if state.epoch == self.epoch:
+            self.prune_(state.epoch)

@@ -14,8 +14,6 @@ by magnitude to the target and the rest of training is a masked retrain.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
@@ -28,9 +26,7 @@ from mtlsparse.sparsity.magnitude import magnitude_prune_
 from mtlsparse.sparsity.masks import MaskedMethod
 from mtlsparse.sparsity.prox import soft_threshold_
 from mtlsparse.sparsity.scope import ScopeLike
-
-if TYPE_CHECKING:  # pragma: no cover
-    import lightning as L
+from mtlsparse.training_state import TrainingState
 
 STAGES = ("pretrain", "reweight", "retrain")
 
@@ -125,13 +121,13 @@ class ReweightedL1(MaskedMethod):
             return None
         return self.c * sum((layer.weight * r).abs().sum() for layer, r in zip(self.layers, self.reweights()))
 
-    def on_fit_start(self, module: L.LightningModule) -> None:
-        super().on_fit_start(module)
+    def on_fit_start(self, state: TrainingState) -> None:
+        super().on_fit_start(state)
         if int(self.epochs_done) == 0 and self.stage(0) != "pretrain":
             self.enter(self.stage(0))
 
-    def on_train_epoch_end(self, module: L.LightningModule) -> None:
-        epoch = module.current_epoch
+    def on_train_epoch_end(self, state: TrainingState) -> None:
+        epoch = state.epoch
         self.epochs_done.fill_(epoch + 1)
         current, following = self.stage(epoch), self.stage(epoch + 1)
         if following != current:

@@ -10,11 +10,8 @@ the target exactly. Both keep the per-task masks for the mask-IoU analysis.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import islice
-from typing import TYPE_CHECKING
 
 import torch
-from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 
 from mtlsparse.gradients import task_gradients
@@ -23,27 +20,24 @@ from mtlsparse.sparsity.allocation import global_masks, union_topk
 from mtlsparse.sparsity.layers import PrunableLayer
 from mtlsparse.sparsity.masks import MaskedMethod, TaskMasks, layer_tasks, topk_mask
 from mtlsparse.sparsity.scope import ScopeLike
-
-if TYPE_CHECKING:  # pragma: no cover
-    import lightning as L
+from mtlsparse.training_state import TrainingState
 
 
-def task_gradient_magnitudes(module: L.LightningModule, layers: Sequence[PrunableLayer],
+def task_gradient_magnitudes(state: TrainingState, layers: Sequence[PrunableLayer],
                              num_batches: int = 1) -> dict[str, list[Tensor]]:
     """Σ over `num_batches` training batches of |∂L_t/∂W| per task and layer (dense: masked entries too).
 
-    Batches come from a fresh `datamodule.train_dataloader()` iterator (identical on every
+    Batches come from a fresh pass over the training data (`state.batches`, identical on every
     DDP rank); the forward runs on the unwrapped model, leaving `.grad` untouched.
     """
     weights = [layer.weight for layer in layers]
-    totals = {task: [torch.zeros_like(w) for w in weights] for task in module.tasks}
-    loader = module.trainer.datamodule.train_dataloader()
+    tasks = state.model.tasks
+    totals = {task: [torch.zeros_like(w) for w in weights] for task in tasks}
     with torch.enable_grad():
-        for batch in islice(loader, num_batches):
-            x, y = move_data_to_device(batch, module.device)
-            out = module.model(x)
-            losses = [task.loss(out[name], y[name]) for name, task in module.tasks.items()]
-            for name, grads in zip(module.tasks, task_gradients(losses, weights, retain_graph=False)):
+        for x, y in state.batches(num_batches):
+            out = state.model(x)
+            losses = [task.loss(out[name], y[name]) for name, task in tasks.items()]
+            for name, grads in zip(tasks, task_gradients(losses, weights, retain_graph=False)):
                 for total, grad in zip(totals[name], grads):
                     if grad is not None:
                         total.add_(grad.abs())
@@ -80,11 +74,11 @@ class SNIP(MaskedMethod):
         """{layer name: {task: mask}} for the tasks that use each layer."""
         return self.per_task_masks.as_dict()
 
-    def on_fit_start(self, module: L.LightningModule) -> None:
-        super().on_fit_start(module)
+    def on_fit_start(self, state: TrainingState) -> None:
+        super().on_fit_start(state)
         if bool(self.initialized):  # resumed: masks came with the checkpoint
             return
-        grads = task_gradient_magnitudes(module, self.layers, self.num_batches)
+        grads = task_gradient_magnitudes(state, self.layers, self.num_batches)
         scores = {task: [g * layer.weight.detach().abs() for g, layer in zip(gs, self.layers)]
                   for task, gs in grads.items()}
         masks, task_masks = self.select(scores)
