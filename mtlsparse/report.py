@@ -3,9 +3,12 @@
 `mtlsparse report <sweep_dir>` reads every job dir (a dir holding `.hydra/` or
 `metrics.json`), writes `summary.csv` / `summary.md`, one PNG per swept knob, and
 the ε-non-dominated runs with their hypervolume (`pareto.csv`, `front.png`,
-`front3d.png`, `report.json`) into `<sweep_dir>/report/`. This module is the command
-and its orchestration; the rows, tables and plots come from `mtlsparse.reporting`, the
-front and its hypervolume from `mtlsparse.pareto`.
+`front3d.png`, `report.json`) into `<sweep_dir>/report/`. For an Optuna sweep the
+`optuna_pareto` column (tables, pareto.csv, front.png) marks the trials Optuna itself
+found best on the validation objectives (its `optimization_results.yaml`), next to the
+front of the test objectives. This module is the command and its orchestration; the
+rows, tables and plots come from `mtlsparse.reporting`, the front and its hypervolume
+from `mtlsparse.pareto`.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from pathlib import Path
 
 from mtlsparse.pareto import pareto_front, parse_objective
 from mtlsparse.reporting.collect import Row, collect
+from mtlsparse.reporting.optuna import COLUMN as OPTUNA_COLUMN
+from mtlsparse.reporting.optuna import mark_optuna_pareto
 from mtlsparse.reporting.plots import plot_front, plot_front3d, plot_knob
 from mtlsparse.reporting.tables import (
     SPARSITY_KEYS,
@@ -49,6 +54,7 @@ def write_report(
     rows = collect(sweep_dir)
     if not rows:
         raise FileNotFoundError(f"no job dirs (dirs holding .hydra/ or metrics.json) under {sweep_dir}")
+    optuna_best = mark_optuna_pareto(rows, Path(sweep_dir))
     out = Path(out_dir) if out_dir is not None else Path(sweep_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     ok = [row for row in rows if row["status"] == "ok"]
@@ -83,6 +89,8 @@ def write_report(
         "note": front["note"],
         "files": [*files, "report.json"],
     }
+    if any(OPTUNA_COLUMN in row for row in rows):
+        report["optuna_pareto"] = optuna_best  # Optuna's best trials on the validation objectives
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 

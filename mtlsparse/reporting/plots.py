@@ -10,6 +10,7 @@ from matplotlib.ticker import NullFormatter
 
 from mtlsparse import pareto
 from mtlsparse.reporting.collect import Row
+from mtlsparse.reporting.optuna import COLUMN as OPTUNA_COLUMN
 from mtlsparse.reporting.tables import cell
 
 
@@ -60,12 +61,17 @@ def _xy(rows: Sequence[Row], keys: Sequence[str]) -> list[list[float]]:
 
 
 def plot_front(path: Path, rows: Sequence[Row], front: Sequence[Row], keys: Sequence[str], hv: float) -> None:
-    """All successful runs grey, the non-dominated ones highlighted and connected."""
+    """All successful runs grey, the non-dominated ones highlighted and connected; in an Optuna sweep
+    the trials Optuna found best (on its validation objectives) ringed."""
     fig = Figure(figsize=(5.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
     ax.plot(*_xy(rows, keys[:2]), "o", color="0.7", label="runs")
     ordered = sorted(front, key=lambda row: pareto.as_float(row.get(keys[0])))
     ax.plot(*_xy(ordered, keys[:2]), "o-", color="C3", label="non-dominated")
+    optuna_best = [row for row in rows if row.get(OPTUNA_COLUMN)]
+    if optuna_best:
+        ax.plot(*_xy(optuna_best, keys[:2]), "s", markersize=11, markerfacecolor="none", color="k",
+                label="Optuna's Pareto set (validation)")
     ax.set(xlabel=keys[0], ylabel=keys[1], title=f"Pareto front (HV {hv:.4g})")
     ax.legend()
     ax.grid(alpha=0.3)

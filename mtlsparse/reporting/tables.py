@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mtlsparse.pareto import parse_objective
 from mtlsparse.reporting.collect import Row, parse_override
+from mtlsparse.reporting.optuna import COLUMN as OPTUNA_COLUMN
 
 RESERVED = ("job", "status", "overrides", "error")
 SPARSITY_KEYS = ("sparsity/param", "sparsity/group", "sparsity/sr", "sparsity/cr", "sparsity/ps")
@@ -53,15 +54,15 @@ def loss_objectives(rows: Sequence[Row]) -> list[str]:
 
 
 def table_columns(rows: Sequence[Row], knobs: Sequence[str]) -> list[str]:
-    """Columns of the Markdown tables: job, knobs, test metrics, sparsity, time."""
+    """Columns of the Markdown tables: job, knobs, Optuna's verdict (Optuna sweeps), test metrics, sparsity, time."""
     overall = sorted({k for row in rows for k in row if k.startswith("test/") and k.count("/") == 1})
     metrics = [*task_metric_keys(rows), *overall, *SPARSITY_KEYS, *TIME_KEYS]
-    return ["job", *knobs, *present(rows, metrics)]
+    return ["job", *knobs, *present(rows, [OPTUNA_COLUMN, *metrics])]
 
 
 def csv_columns(rows: Sequence[Row]) -> list[str]:
-    """Every column: job, status, override keys, metrics (first-seen order), error."""
-    head = ["job", "status", *override_keys(rows)]
+    """Every column: job, status, override keys, Optuna's verdict (Optuna sweeps), metrics (first-seen order), error."""
+    head = ["job", "status", *override_keys(rows), *present(rows, [OPTUNA_COLUMN])]
     rest = dict.fromkeys(k for row in rows for k in row if k not in head and k not in RESERVED)
     return [*head, *rest, "overrides", "error"]
 
@@ -110,6 +111,17 @@ def _csv_cell(value: object) -> object:
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
+def optuna_note(rows: Sequence[Row]) -> list[str]:
+    """The paragraph on Optuna's own best trials, for sweeps that have them ([] otherwise)."""
+    if not any(OPTUNA_COLUMN in row for row in rows):
+        return []
+    best = [str(row["job"]) for row in rows if row.get(OPTUNA_COLUMN)]
+    jobs = ", ".join(f"`{job}`" for job in best) or "none of these jobs"
+    return [f"`{OPTUNA_COLUMN}`: the trials Optuna itself found best on the sweep's validation objective(s) "
+            f"(its optimization_results.yaml; several objectives: its Pareto set): {jobs}. The Pareto front "
+            "below is computed from the test metrics."]
+
+
 def summary_markdown(
     root: Path,
     rows: list[Row],
@@ -128,6 +140,7 @@ def summary_markdown(
         f"{len(rows)} jobs: {len(ok)} ok, {len(failed)} failed. Fixed overrides: {fixed}.",
         "## Runs",
         markdown_table(ok, table_columns(ok, knobs)) if ok else "No run succeeded.",
+        *optuna_note(rows),
         "## Pareto front",
     ]
     if front["hypervolume"] is None:
