@@ -150,7 +150,9 @@ def preflight(args: list[str]) -> str | None:
 
 
 #: Hydra plugins that come with an extra of ours: module → extra
-PLUGIN_EXTRAS = {"hydra_plugins.hydra_submitit_launcher": "slurm"}
+PLUGIN_EXTRAS = {"hydra_plugins.hydra_submitit_launcher": "slurm",
+                 "hydra_plugins.hydra_optuna_sweeper": "search",
+                 "hydra_plugins.hydra_joblib_launcher": "search"}
 
 
 def missing_plugin(cfg: DictConfig) -> str | None:
