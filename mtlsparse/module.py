@@ -169,7 +169,8 @@ class MultiTaskModule(L.LightningModule):
     def sparsity_summary(self) -> dict[str, float]:
         """Parameter and channel-group sparsity (%) of the method's prunable layers."""
         weights = [layer.weight.detach() for layer in self.method.layers]
-        return {"sparsity/param": param_sparsity(weights), "sparsity/group": group_sparsity(weights)}
+        return {"sparsity/param": param_sparsity(weights),
+                "sparsity/group": group_sparsity(self.method.channel_groups())}
 
     # ------------------------------------------------------------ sparsity hooks
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:

@@ -272,8 +272,8 @@ def test_two_phase_training_prunes_and_ties(tiny_cfg, tmp_path, monkeypatch, cou
     assert best["method.tied"]  # only tied (post-phase-1) models are selected
     # the default hps has BN after each conv: conv2's and fc1's rows couple (BN's γ ≈ 1 then dominates a
     # row's norm, hence the larger λ above)
-    assert bool(method.norms) == couple
-    for name, norm in method.norms.items():
+    assert bool(method.coupling.norms) == couple
+    for name, norm in method.coupling.norms.items():
         zero_rows = method.clusters()[name] < 0
         assert zero_rows.any() and torch.all(norm.weight[zero_rows] == 0)
 

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
+from mtlsparse.channel_groups import stack_groups, unstack_groups_
 from mtlsparse.export import compact
 from mtlsparse.models import HPS
 from mtlsparse.sparsity import GroupLasso
 from mtlsparse.sparsity.group_lasso import adam_metric
 from mtlsparse.sparsity.layers import group_norms, group_view
-from mtlsparse.sparsity.norm_coupling import stack_groups, unstack_groups_
 from mtlsparse.sparsity.prox import group_prox_, group_prox_metric_
 from mtlsparse.tasks import Task
 from mtlsparse.training_state import TrainingState
@@ -28,7 +28,7 @@ def bn_hps(batch_norm: bool = True) -> HPS:
 def coupled_method(model: HPS, prox: str = "plain", lam: float = 0.05) -> GroupLasso:
     method = GroupLasso(lam=lam, prox=prox, couple_norms=True)
     method.setup(model)
-    method.couple(model, SHAPE)
+    method.coupling.couple(model, SHAPE, method.layers)
     return method
 
 
@@ -36,16 +36,17 @@ def test_conv_after_batchnorm_is_coupled_and_flatten_fc_is_not():
     model = bn_hps()
     method = coupled_method(model)
     conv2, fc1 = method.layers
-    assert method.norms == {conv2.name: model.trunk[1]}  # Conv-BN-pool-ReLU-Conv: the first BN feeds conv2
-    assert fc1.name not in method.norms  # 8 BN channels feed 8·s² features: not one-to-one
-    assert method.group_size(conv2) == conv2.group_size + 2 and method.group_size(fc1) == fc1.group_size
+    assert method.coupling.norms == {conv2.name: model.trunk[1]}  # Conv-BN-pool-ReLU-Conv: the first BN feeds conv2
+    assert fc1.name not in method.coupling.norms  # 8 BN channels feed 8·s² features: not one-to-one
+    assert method.coupling.groups(conv2).size == conv2.group_size + 2
+    assert method.coupling.groups(fc1).size == fc1.group_size
 
 
 def test_coupling_a_model_without_batchnorm_warns_and_keeps_plain_groups(caplog):
     with caplog.at_level("WARNING", logger="mtlsparse"):
         method = coupled_method(bn_hps(batch_norm=False))
-    assert method.norms == {} and "no layer reads a BatchNorm" in caplog.text
-    assert all(method.group_size(layer) == layer.group_size for layer in method.layers)
+    assert method.coupling.norms == {} and "no layer reads a BatchNorm" in caplog.text
+    assert all(method.coupling.groups(layer).size == layer.group_size for layer in method.layers)
 
 
 def test_tracing_leaves_batchnorm_statistics_and_train_mode_alone():
@@ -64,11 +65,11 @@ def test_resnet_couples_block_internal_convs_only():
     model = tiny_resnet()
     method = GroupLasso(lam=0.1, couple_norms=True)
     method.setup(model)
-    method.couple(model, (3, 16, 16))
+    method.coupling.couple(model, (3, 16, 16), method.layers)
     blocks = {name for name, m in model.named_modules() if isinstance(m, BasicBlock)}
     # a block's conv2 reads bn1 only; convs reading the residual stream have several readers
-    assert set(method.norms) == {f"{b}.conv2" for b in blocks}
-    for name, norm in method.norms.items():
+    assert set(method.coupling.norms) == {f"{b}.conv2" for b in blocks}
+    for name, norm in method.coupling.norms.items():
         assert norm is model.get_submodule(name.replace("conv2", "bn1"))
 
 
@@ -112,7 +113,7 @@ def test_group_survives_on_its_bn_scale_and_dies_with_it():
     method = coupled_method(model, "plain", lam=1.0)
     conv2, bn = model.trunk[4], model.trunk[1]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    tau = 0.1 * math.sqrt(method.group_size(method.layers[0]))
+    tau = 0.1 * math.sqrt(method.coupling.groups(method.layers[0]).size)
     with torch.no_grad():
         conv2.weight.mul_(1e-3)  # every W[:, c] is far below τ on its own
         bn.bias.zero_()
@@ -170,9 +171,9 @@ def test_growl_prox_and_cap_act_on_coupled_rows():
     model = bn_hps()
     method = GrOWL(lam=2.0, couple_norms=True, s_lmax=0.5, phase1_iterations=1, epochs_per_iteration=1)
     method.setup(model)
-    method.couple(model, SHAPE)
+    method.coupling.couple(model, SHAPE, method.layers)
     conv2, bn = model.trunk[4], model.trunk[1]
-    assert set(method.norms) == {method.layers[0].name}
+    assert set(method.coupling.norms) == {method.layers[0].name}
     with torch.no_grad():
         conv2.weight.mul_(0.05)
         bn.weight.copy_(torch.linspace(0.01, 3.0, 6))
@@ -196,7 +197,7 @@ def test_growl_penalty_uses_coupled_rows():
     model = bn_hps()
     method = GrOWL(lam=1.0, couple_norms=True)
     method.setup(model)
-    method.couple(model, SHAPE)
+    method.coupling.couple(model, SHAPE, method.layers)
     conv2, fc1 = method.layers
     bn = model.trunk[1]
     expected = (owl_value(group_norms(stack_groups([conv2.weight, bn.weight, bn.bias])), method.theta(conv2))

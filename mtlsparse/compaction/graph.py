@@ -37,7 +37,7 @@ from torch_pruning._helpers import GroupItem, _HybridIndex
 from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.dependency import Dependency
 
-from mtlsparse.channel_groups import group_norms
+from mtlsparse.channel_groups import ChannelGroups, dependency_graph
 from mtlsparse.compaction.errors import BudgetExceeded, NotCompactable
 from mtlsparse.sparsity.masks import MASK
 
@@ -148,7 +148,7 @@ def removable_channels(graph: tp.DependencyGraph, group: Any, output_nodes: set,
         return []
     read = torch.zeros(n, dtype=torch.bool)
     for module, idxs, roots, weight in consumers:
-        ignored = group_norms(weight)[idxs] == 0
+        ignored = ChannelGroups.of(weight).zero()[idxs]
         if producers and module in input_is_zero:  # identically-zero channels (zero rows, zero constant)
             ignored |= source_zero[roots] & input_is_zero[module][idxs]
         read |= _scatter(n, roots, ~ignored, "amax")
@@ -180,28 +180,6 @@ def probe(model: nn.Module, x: Tensor) -> tuple[dict[nn.Module, Tensor], int]:
         for h in handles:
             h.remove()
     return seen, max(sizes + [t[0].numel() for t in outputs if isinstance(t, Tensor) and t.dim() > 1])
-
-
-def dependency_graph(model: nn.Module, x: Tensor) -> tuple[tp.DependencyGraph, set]:
-    """torch-pruning's graph of `model` traced on `x`, and the nodes that produce model outputs.
-
-    Output nodes are found from the traced outputs' autograd nodes (dicts of task outputs
-    are flattened by torch-pruning), so an output also consumed inside the model still counts.
-    """
-    outputs: list[Tensor] = []
-
-    def keep_outputs(out: Any) -> Any:
-        outputs.extend(tp.utils.flatten_as_list(out))
-        return out
-
-    graph = tp.DependencyGraph()
-    with torch.enable_grad():
-        graph.build_dependency(model, example_inputs=x, forward_fn=lambda m, inp: m(inp),
-                               output_transform=keep_outputs, verbose=False)
-    grad_fns = {t.grad_fn for t in outputs if isinstance(t, Tensor) and t.grad_fn is not None}
-    output_nodes = {node for node in graph.module2node.values()
-                    if node.grad_fn in grad_fns or not node.outputs}
-    return graph, output_nodes
 
 
 def _mapped_range(mapping: Any, idxs: list) -> tuple[int, int]:
@@ -354,7 +332,7 @@ def plan_removal(model: nn.Module, x: Tensor, budget: Budget | None = None
     graph, output_nodes = dependency_graph(model, x)
     names = {m: n for n, m in model.named_modules()}
     ignores = {m for m in graph.module2node if (isinstance(m, nn.Linear) or _is_plain_conv(m))
-               and bool((group_norms(m.weight.detach()) == 0).any() or input_is_zero.get(m, torch.zeros(1)).any())}
+               and bool(ChannelGroups.of(m.weight.detach()).zero().any() or input_is_zero.get(m, torch.zeros(1)).any())}
     consumers_of = channel_components(graph)
 
     def wanted(module: nn.Module) -> bool:
@@ -379,7 +357,8 @@ def zero_channel_groups(model: nn.Module) -> int:
                 weight = module.weight
                 if MASK in module._buffers:
                     weight = weight * module._buffers[MASK]
-                count += int((group_norms(weight) == 0).sum()) + int((weight.flatten(1).abs().amax(dim=1) == 0).sum())
+                zero_rows = weight.flatten(1).abs().amax(dim=1) == 0
+                count += int(ChannelGroups.of(weight).zero().sum()) + int(zero_rows.sum())
     return count
 
 

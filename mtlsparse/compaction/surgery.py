@@ -16,7 +16,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from mtlsparse.channel_groups import group_norms
+from mtlsparse.channel_groups import ChannelGroups
 from mtlsparse.compaction.errors import BudgetExceeded, ExportError
 from mtlsparse.compaction.graph import Budget, check_compactable, coupled_group, dependency_graph, plan_removal
 from mtlsparse.sparsity.masks import MASK
@@ -93,7 +93,7 @@ def compact(model: nn.Module, x: Tensor, budget: Budget | None = None) -> tuple[
     removed = {name: len(drop) for name, drop in plan.items()}
     for name, module in small.named_modules():
         if isinstance(module, nn.Linear) and not hasattr(module, INPUT_INDEX):
-            read = group_norms(module.weight.detach()) != 0
+            read = ~ChannelGroups.of(module.weight.detach()).zero()
             if 0 < int(read.sum()) < len(read):
                 gather_inputs_(module, read.nonzero().flatten())
                 removed[f"{name}:inputs"] = len(read) - int(read.sum())

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from mtlsparse.channel_groups import group_norms, group_view
+from mtlsparse.channel_groups import ChannelGroups, group_view
 
 
 def param_sparsity(weights: Iterable[Tensor]) -> float:
@@ -21,11 +21,12 @@ def param_sparsity(weights: Iterable[Tensor]) -> float:
     return 100.0 * zeros / total if total else 0.0
 
 
-def group_sparsity(weights: Iterable[Tensor]) -> float:
-    """% of input-channel groups (W[:, i] / W[:, i, :, :]) that are entirely zero."""
-    weights = list(weights)
-    total = sum(w.shape[1] for w in weights)
-    zeros = sum(int((group_norms(w) == 0).sum()) for w in weights)
+def group_sparsity(groups: Iterable[ChannelGroups | Tensor]) -> float:
+    """% of channel groups that are entirely zero (a bare weight: its groups W[:, i] / W[:, i, :, :];
+    BN-coupled `ChannelGroups`: W[:, i] with the producer's γ_i, β_i)."""
+    groups = [ChannelGroups.of(g) for g in groups]
+    total = sum(g.count for g in groups)
+    zeros = sum(int(g.zero().sum()) for g in groups)
     return 100.0 * zeros / total if total else 0.0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mtlsparse.channel_groups import ChannelGroups
 from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.layers import PrunableLayer, prunable_layers
 from mtlsparse.sparsity.scope import Scope, ScopeLike
@@ -54,6 +55,10 @@ class SparsityMethod(nn.Module):
     @property
     def layers(self) -> list[PrunableLayer]:
         return self._layers
+
+    def channel_groups(self) -> list[ChannelGroups]:
+        """The channel groups of the layers it acts on, as the method defines them (the metrics count these)."""
+        return [ChannelGroups(layer.name, layer.weight) for layer in self.layers]
 
     def penalty(self) -> Tensor | None:
         """Differentiable sparsity objective L0 handed to the balancer (None: no penalty)."""

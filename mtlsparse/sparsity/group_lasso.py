@@ -17,9 +17,9 @@ import math
 import torch
 from torch import Tensor
 
+from mtlsparse.channel_groups import ChannelGroups, group_norms, stack_groups
 from mtlsparse.sparsity.base import param_state
-from mtlsparse.sparsity.layers import group_norms
-from mtlsparse.sparsity.norm_coupling import NormCoupling, stack_groups
+from mtlsparse.sparsity.norm_coupling import GroupCoupling
 from mtlsparse.sparsity.prox import group_prox_, group_prox_metric_
 from mtlsparse.sparsity.prox_method import ProxMethod
 from mtlsparse.sparsity.scope import ScopeLike
@@ -38,7 +38,7 @@ def adam_metric(group: dict, state: dict) -> Tensor:
     return (v / (1 - group["betas"][1] ** step)).sqrt() + group["eps"]
 
 
-class GroupLasso(NormCoupling, ProxMethod):
+class GroupLasso(ProxMethod):
     """Proximal-Adam channel group lasso on the prunable layers (shared trunk by default)."""
 
     structured = True
@@ -50,23 +50,26 @@ class GroupLasso(NormCoupling, ProxMethod):
         if prox not in PROX_VARIANTS:
             raise ValueError(f"method.prox must be one of {PROX_VARIANTS}, got '{prox}'")
         self.prox = prox
-        self.init_coupling(couple_norms)
+        self.coupling = GroupCoupling(couple_norms)
 
     def on_fit_start(self, state: TrainingState) -> None:
-        self.couple_at_fit_start(state)
+        self.coupling.couple_at_fit_start(state, self.layers, type(self).__name__)
         super().on_fit_start(state)
 
+    def channel_groups(self) -> list[ChannelGroups]:
+        return [self.coupling.groups(layer) for layer in self.layers]
+
     def penalty(self) -> Tensor | None:
-        return self.lam * sum(math.sqrt(self.group_size(layer)) * group_norms(self.grouped(layer)).sum()
-                              for layer in self.layers)
+        return self.lam * sum(math.sqrt(groups.size) * group_norms(groups.stacked()).sum()
+                              for groups in self.channel_groups())
 
     def prox_(self, optimizer: torch.optim.Optimizer) -> None:
         state = param_state(optimizer)
-        for layer in self.layers:
-            tau = state[id(layer.weight)][0]["lr"] * self.lam * math.sqrt(self.group_size(layer))
-            target = self.grouped(layer)
-            self._prox_tensor_(target, tau, state, self.group_tensors(layer))
-            self.write_back_(layer, target)
+        for groups in self.channel_groups():
+            tau = state[id(groups.weight)][0]["lr"] * self.lam * math.sqrt(groups.size)
+            target = groups.stacked()
+            self._prox_tensor_(target, tau, state, groups.tensors)
+            groups.write_back_(target)
 
     def _prox_tensor_(self, target: Tensor, tau: float, state: dict, tensors: list[Tensor]) -> None:
         """Group prox of `target` (the weight, or the stacked groups of `tensors`) in place."""

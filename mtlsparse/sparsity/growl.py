@@ -33,12 +33,13 @@ import math
 import torch
 from torch import Tensor
 
+from mtlsparse.channel_groups import ChannelGroups
 from mtlsparse.errors import ConfigError
 from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.base import SparsityMethod, param_state
 from mtlsparse.sparsity.budget import epoch_count, finite_budget
 from mtlsparse.sparsity.layers import PrunableLayer, group_norms, group_shape
-from mtlsparse.sparsity.norm_coupling import NormCoupling
+from mtlsparse.sparsity.norm_coupling import GroupCoupling
 from mtlsparse.sparsity.owl import cap_zero_rows_, growl_prox_, owl_value, spike_weights
 from mtlsparse.sparsity.scope import ScopeLike
 from mtlsparse.sparsity.tying import ZERO_ROW, cluster_rows, tie_rows_, zero_rows_
@@ -52,7 +53,7 @@ def cluster_buffer_name(layer_name: str) -> str:
     return "clusters_" + layer_name.replace(".", "_")
 
 
-class GrOWL(NormCoupling, SparsityMethod):
+class GrOWL(SparsityMethod):
     """GrOWL-Spike prox with a growing per-layer cap (phase 1), then affinity-propagation tying (phase 2)."""
 
     structured = True
@@ -83,7 +84,7 @@ class GrOWL(NormCoupling, SparsityMethod):
         self.phases: tuple[int, int | None] | None = None  # (phase-1 epochs, run epochs), set by set_budget
         self.s_lmax, self.s_min, self.preference = float(s_lmax), float(s_min), float(preference)
         self.register_buffer("tied", torch.tensor(False))
-        self.init_coupling(couple_norms)
+        self.coupling = GroupCoupling(couple_norms)
 
     def setup(self, model: MultiTaskModel) -> None:
         super().setup(model)
@@ -166,24 +167,29 @@ class GrOWL(NormCoupling, SparsityMethod):
         """λ-scaled GrOWL-Spike weights for one layer's rows."""
         return (self.lam * spike_weights(layer.num_groups, self.beta1, self.beta2)).to(layer.weight)
 
+    def channel_groups(self) -> list[ChannelGroups]:
+        return [self.coupling.groups(layer) for layer in self.layers]
+
     def penalty(self) -> Tensor | None:
-        return sum(owl_value(group_norms(self.grouped(layer)), self.theta(layer)) for layer in self.layers)
+        return sum(owl_value(group_norms(self.coupling.groups(layer).stacked()), self.theta(layer))
+                   for layer in self.layers)
 
     @torch.no_grad()
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Phase 1: add this step's lr to the pending prox step. Phase 2: re-zero the fixed zero rows."""
         if self.tied:
             for layer in self.layers:
-                rows = self.grouped(layer)  # coupled BN (γ, β) of a zero row stays zero too
+                groups = self.coupling.groups(layer)
+                rows = groups.stacked()  # coupled BN (γ, β) of a zero row stays zero too
                 zero_rows_(rows, self._ids(layer))
-                self.write_back_(layer, rows)
+                groups.write_back_(rows)
             return
         state = param_state(optimizer)
         self.prox_step += torch.tensor([state[id(layer.weight)][0]["lr"] for layer in self.layers]).to(self.prox_step)
 
     def on_fit_start(self, state: TrainingState) -> None:
         """Couple BN groups if asked, then resolve the phases from the run's budget."""
-        self.couple_at_fit_start(state)
+        self.coupling.couple_at_fit_start(state, self.layers, type(self).__name__)
         super().on_fit_start(state)
         log.info("GrOWL: phase 1 = epochs 0..%d (%d iterations), phase 2 = the rest", self.phase1_epochs - 1,
                  self.phase1_iterations)
@@ -228,11 +234,12 @@ class GrOWL(NormCoupling, SparsityMethod):
         for step, layer in zip(self.prox_step.tolist(), self.layers):
             if step == 0:
                 continue
-            rows = self.grouped(layer)  # the weight, or weight + coupled BN (γ, β) stacked
+            groups = self.coupling.groups(layer)
+            rows = groups.stacked()  # the weight, or weight + coupled BN (γ, β) stacked
             before = rows.detach().clone()
             growl_prox_(rows, step * self.theta(layer))
             cap_zero_rows_(rows, before, math.floor(cap * layer.num_groups + 1e-9))  # guard j·s/M1 round-off
-            self.write_back_(layer, rows)
+            groups.write_back_(rows)
         self.prox_step.zero_()
 
     @torch.no_grad()
