@@ -123,6 +123,25 @@ def gramian(rows: Tensor, chunk: int = 1 << 20) -> Tensor:
     return gram
 
 
+def batch_gramian(losses: Sequence[Tensor], shared_params: Sequence[nn.Parameter], representation: Tensor | None,
+                  use_representation: bool, balancer: str) -> Tensor:
+    """Gramian of the per-task gradients over the global batch, for Gramian-based balancer rules.
+
+    Params mode averages J over the DDP ranks (the global batch's gradients); representation
+    mode sums the ranks' Gramians (each rank's z covers only its own samples). `balancer`
+    names the rule in the errors for a missing representation or no shared parameters.
+    """
+    if use_representation:
+        wrt = [representation_of(representation, balancer)]
+    else:
+        wrt = trainable_shared(shared_params, f"balancer={balancer}")
+    grads = jacobian(losses, wrt)
+    if not use_representation:
+        rank_mean_(grads)
+    gram = gramian(grads)
+    return rank_sum_(gram) if use_representation else gram
+
+
 # ------------------------------------------------------------------ direction → update
 def pull_back(z: Tensor, direction: Tensor, params: Sequence[nn.Parameter]) -> list[tuple[nn.Parameter, Tensor]]:
     """(p, Jᵀ_z d) for the parameters z depends on: a representation-space direction d on the trunk's parameters."""

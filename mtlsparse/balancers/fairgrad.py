@@ -27,16 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlsparse.balancers.base import BalanceContext, Balancer, require_shared_parameters
-from mtlsparse.gradients import (
-    check_mode,
-    gramian,
-    jacobian,
-    rank_mean_,
-    rank_sum_,
-    representation_of,
-    require_representation,
-    trainable_shared,
-)
+from mtlsparse.gradients import batch_gramian, check_mode, require_representation
 
 NAME = "fairgrad"
 
@@ -129,16 +120,9 @@ class FairGrad(Balancer):
             require_representation(NAME, model)
 
     def _gram(self, losses: dict[str, Tensor], ctx: BalanceContext) -> Tensor:
-        """Gramian of the per-task gradients over the (global) batch, as in `mgda`."""
-        if self.needs_representation:
-            wrt = [representation_of(ctx.representation, NAME)]
-        else:
-            wrt = trainable_shared(ctx.shared_params, f"balancer={NAME}")
-        grads = jacobian([losses[task] for task in self.tasks], wrt)
-        if not self.needs_representation:
-            rank_mean_(grads)
-        gram = gramian(grads)
-        return rank_sum_(gram) if self.needs_representation else gram
+        """Gramian of the per-task gradients over the (global) batch (`gradients.batch_gramian`)."""
+        return batch_gramian([losses[task] for task in self.tasks], ctx.shared_params, ctx.representation,
+                             self.needs_representation, NAME)
 
     def forward(self, losses: dict[str, Tensor], penalty: Tensor | None, ctx: BalanceContext) -> Tensor:
         stacked = self.stack(losses)

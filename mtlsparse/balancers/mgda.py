@@ -17,16 +17,7 @@ from torch import Tensor, nn
 
 from mtlsparse.balancers.base import BalanceContext, Balancer, require_shared_parameters
 from mtlsparse.balancers.min_norm import min_norm_weights_of_gram
-from mtlsparse.gradients import (
-    check_mode,
-    gramian,
-    jacobian,
-    rank_mean_,
-    rank_sum_,
-    representation_of,
-    require_representation,
-    trainable_shared,
-)
+from mtlsparse.gradients import batch_gramian, check_mode, gramian, rank_mean_, require_representation
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 NAME = "mgda (MGDA-UB)"  # how the representation-mode errors name this balancer
@@ -69,22 +60,9 @@ class MGDA(Balancer):
             require_representation(NAME, model)
 
     def _gram(self, losses: dict[str, Tensor], ctx: BalanceContext) -> Tensor:
-        """Gram matrix of the per-task gradients over the (global) batch.
-
-        Params mode averages J over the ranks (the global batch's gradients); representation
-        mode sums the ranks' Gramians (each rank's z covers only its own samples).
-        """
-        if self.needs_representation:
-            wrt = [representation_of(ctx.representation, NAME)]
-        else:
-            wrt = trainable_shared(ctx.shared_params, "balancer=mgda")
-        grads = jacobian([losses[task] for task in self.tasks], wrt)
-        if not self.needs_representation:
-            rank_mean_(grads)
-        gram = gramian(grads)
-        if self.needs_representation:
-            rank_sum_(gram)
-        return gram
+        """Gramian of the per-task gradients over the (global) batch (`gradients.batch_gramian`)."""
+        return batch_gramian([losses[task] for task in self.tasks], ctx.shared_params, ctx.representation,
+                             self.needs_representation, "mgda")
 
     def _normalizers(self, gram: Tensor, losses: Tensor) -> Tensor:
         """Per-task gradient scale: 1, ‖g_t‖, L_t or L_t·‖g_t‖."""
