@@ -48,6 +48,7 @@ def final_metrics(cfg: DictConfig, module: MultiTaskModule, test_results: dict[s
     """Flat metrics.json content: val/test metrics, sparsity, parameter counts, timings and the echoed config."""
     metrics: dict[str, Any] = {k: float(v) for k, v in test_results.items()}
     metrics.update(module.sparsity_summary())
+    metrics.update(module.method.report())  # method-specific: GrOWL tying per layer
     metrics.update({f"sparsity/{k}": v for k, v in row_metrics(matrix_weights(module.model)).items()})
     metrics.update({f"params/{k}": v for k, v in param_counts(module.model).items()})
     metrics["time/train_s"] = train_s

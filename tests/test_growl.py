@@ -3,11 +3,9 @@ two-phase schedule, the config (Chebyshev by default) and a tiny two-phase train
 from __future__ import annotations
 
 import logging
-from functools import partial
 
 import pytest
 import torch
-from sklearn.cluster import AffinityPropagation
 
 from mtlsparse import train
 from mtlsparse.config import ConfigError
@@ -16,7 +14,7 @@ from mtlsparse.sparsity import tying
 from mtlsparse.sparsity.growl import GrOWL, cluster_buffer_name
 from mtlsparse.sparsity.layers import group_norms, group_view
 from mtlsparse.sparsity.owl import cap_zero_rows_, growl_prox_, owl_prox, owl_value, spike_weights
-from mtlsparse.sparsity.tying import cluster_rows, tie_rows_
+from mtlsparse.sparsity.tying import AffinitySettings, cluster_rows, tie_rows_
 from mtlsparse.tasks import Task
 from mtlsparse.training_state import TrainingState
 
@@ -171,8 +169,8 @@ def test_epoch_end_prox_respects_the_growing_cap():
 def test_cluster_rows_groups_similar_rows_and_marks_zero_rows():
     a, b = torch.tensor([1.0, 2.0, 0.0, 1.0]), torch.tensor([0.0, -1.0, 3.0, 0.5])
     w = torch.stack([a, 1.01 * a, torch.zeros(4), b, 0.99 * b, a + 0.01], dim=1)  # Linear (4, 6)
-    ids = cluster_rows(w, preference=0.7)
-    assert ids[2] == -1
+    ids, converged = cluster_rows(w, AffinitySettings(preference=0.7))
+    assert converged and ids[2] == -1
     assert ids[0] == ids[1] == ids[5] and ids[3] == ids[4] and ids[0] != ids[3]
     tie_rows_(w, ids)
     rows = group_view(w)
@@ -181,14 +179,36 @@ def test_cluster_rows_groups_similar_rows_and_marks_zero_rows():
     assert torch.all(rows[2] == 0)
 
 
-def test_affinity_propagation_failure_falls_back_to_one_cluster_per_row(monkeypatch, caplog):
-    monkeypatch.setattr(tying, "AffinityPropagation", partial(AffinityPropagation, max_iter=1))
-    w = torch.randn(4, 5)
+def test_affinity_propagation_failure_falls_back_to_one_cluster_per_row(caplog):
+    w = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
     w[:, 0] = 0
     with caplog.at_level(logging.WARNING):
-        ids = cluster_rows(w, preference=0.7, name="trunk.7")
-    assert torch.equal(ids, torch.tensor([-1, 0, 1, 2, 3]))
-    assert "did not converge on layer 'trunk.7'" in caplog.text
+        ids, converged = cluster_rows(w, AffinitySettings(max_iter=1, fallback="singletons"), name="trunk.7")
+    assert not converged and torch.equal(ids, torch.tensor([-1, 0, 1, 2, 3]))
+    assert "did not converge on layer 'trunk.7'" in caplog.text and "ap_fallback=singletons" in caplog.text
+
+
+def test_retry_reruns_ap_with_more_damping_and_iterations(monkeypatch):
+    runs = []
+
+    def fake_run(similarity, settings, damping, max_iter):
+        runs.append((damping, max_iter))
+        return None if len(runs) == 1 else torch.zeros(similarity.shape[0], dtype=torch.long)
+
+    monkeypatch.setattr(tying, "_affinity_run", fake_run)
+    ids, converged = cluster_rows(torch.randn(3, 4), AffinitySettings(max_iter=50))
+    assert runs == [(0.5, 50), (0.7, 200)] and converged and torch.equal(ids, torch.zeros(4, dtype=torch.long))
+    runs.clear()
+    monkeypatch.setattr(tying, "_affinity_run", lambda *args: runs.append(args[2:]))  # never converges
+    ids, converged = cluster_rows(torch.randn(3, 4), AffinitySettings(max_iter=50))
+    assert runs == [(0.5, 50), (0.7, 200), (0.9, 200)] and not converged and torch.equal(ids, torch.arange(4))
+
+
+@pytest.mark.parametrize("key, value", [("ap_damping", 1.0), ("ap_max_iter", 0), ("ap_convergence_iter", 0),
+                                        ("ap_fallback", "labels"), ("preference", float("nan"))])
+def test_bad_affinity_knobs_name_the_key(key, value):
+    with pytest.raises(ValueError, match=f"method.{key} must be"):
+        GrOWL(**{key: value})
 
 
 def test_phase_two_ties_rows_and_keeps_zero_rows_zero_after_optimizer_steps():
@@ -268,6 +288,9 @@ def test_two_phase_training_prunes_and_ties(tiny_cfg, tmp_path, monkeypatch, cou
         for c in ids.unique():
             members = rows[ids == c]
             assert torch.all(members == members[0]) and (c >= 0 or torch.all(members == 0))
+        key = f"tying/{layer.name}"  # per-layer tying lands in metrics.json
+        assert metrics[f"{key}/clusters"] == len(ids[ids >= 0].unique()) and metrics[f"{key}/rows"] == len(ids)
+        assert metrics[f"{key}/zero_rows"] == int((ids < 0).sum()) and metrics[f"{key}/converged"] in (0.0, 1.0)
     best = torch.load(next((tmp_path / "checkpoints").glob("best-*.ckpt")), weights_only=False)["state_dict"]
     assert best["method.tied"]  # only tied (post-phase-1) models are selected
     # the default hps has BN after each conv: conv2's and fc1's rows couple (BN's γ ≈ 1 then dominates a

@@ -74,6 +74,10 @@ class SparsityMethod(nn.Module):
     def on_train_epoch_end(self, state: TrainingState) -> None:
         """Runs after each training epoch (thresholding, schedules, phase changes)."""
 
+    def report(self) -> dict[str, float]:
+        """Method-specific scalars for metrics.json at the end of the run (e.g. GrOWL's tying per layer)."""
+        return {}
+
     def masks(self) -> dict[str, Tensor] | None:
         """Current binary masks keyed by layer name, if the method keeps masks."""
         return None

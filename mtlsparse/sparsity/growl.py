@@ -42,7 +42,7 @@ from mtlsparse.sparsity.layers import PrunableLayer, group_norms, group_shape
 from mtlsparse.sparsity.norm_coupling import GroupCoupling
 from mtlsparse.sparsity.owl import cap_zero_rows_, growl_prox_, owl_value, spike_weights
 from mtlsparse.sparsity.scope import ScopeLike
-from mtlsparse.sparsity.tying import ZERO_ROW, cluster_rows, tie_rows_, zero_rows_
+from mtlsparse.sparsity.tying import ZERO_ROW, AffinitySettings, cluster_rows, tie_rows_, zero_rows_
 from mtlsparse.training_state import PhaseStarted, TrainingState
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,8 @@ class GrOWL(SparsityMethod):
     def __init__(self, lam: float = 1.0, beta1: float = 0.8, beta2: float = 0.2, epochs_per_iteration: int = 3,
                  phase1_iterations: int = 3, phase2_iterations: int = 10, phase1_epochs: int | None = None,
                  s_lmax: float = 0.8, s_min: float = 0.2, preference: float = 0.7,
-                 scope: ScopeLike = None, couple_norms: bool = False) -> None:
+                 scope: ScopeLike = None, couple_norms: bool = False, ap_damping: float = 0.5,
+                 ap_max_iter: int = 200, ap_convergence_iter: int = 15, ap_fallback: str = "retry") -> None:
         super().__init__(scope)
         for key, value, ok, allowed in (
                 ("lam", lam, lam >= 0, ">= 0"), ("beta1", beta1, beta1 >= 0, ">= 0"),
@@ -69,8 +70,7 @@ class GrOWL(SparsityMethod):
                 ("epochs_per_iteration", epochs_per_iteration, epochs_per_iteration >= 1, ">= 1"),
                 ("phase1_iterations", phase1_iterations, phase1_iterations >= 1, ">= 1"),
                 ("phase2_iterations", phase2_iterations, phase2_iterations >= 0, ">= 0"),
-                ("s_lmax", s_lmax, 0 <= s_lmax <= 1, "in [0, 1]"), ("s_min", s_min, 0 <= s_min < 1, "in [0, 1)"),
-                ("preference", preference, math.isfinite(preference), "finite")):
+                ("s_lmax", s_lmax, 0 <= s_lmax <= 1, "in [0, 1]"), ("s_min", s_min, 0 <= s_min < 1, "in [0, 1)")):
             if not ok:
                 raise ValueError(f"method.{key} must be {allowed}, got {value}")
         self.lam, self.beta1, self.beta2 = float(lam), float(beta1), float(beta2)
@@ -82,7 +82,10 @@ class GrOWL(SparsityMethod):
                               f"number of epochs >= 1, got {phase1_epochs!r}")
         self.explicit_phase1 = phase1_epochs
         self.phases: tuple[int, int | None] | None = None  # (phase-1 epochs, run epochs), set by set_budget
-        self.s_lmax, self.s_min, self.preference = float(s_lmax), float(s_min), float(preference)
+        self.s_lmax, self.s_min = float(s_lmax), float(s_min)
+        self.affinity = AffinitySettings(float(preference), float(ap_damping), ap_max_iter, ap_convergence_iter,
+                                         ap_fallback)
+        self._converged: dict[str, bool] = {}  # AP convergence per layer at the first tie (not checkpointed)
         self.register_buffer("tied", torch.tensor(False))
         self.coupling = GroupCoupling(couple_norms)
 
@@ -218,6 +221,22 @@ class GrOWL(SparsityMethod):
         return {layer.name: (self._ids(layer) != ZERO_ROW).view(group_shape(layer.weight)).expand_as(layer.weight)
                 for layer in self.layers}
 
+    def report(self) -> dict[str, float]:
+        """Per layer once tied: `tying/<layer>/clusters` (non-zero rows' clusters), `/rows`, `/zero_rows`
+        and `/converged` (1/0: whether AP converged; absent after a resume, which does not re-cluster)."""
+        if not self.tied:
+            return {}
+        out: dict[str, float] = {}
+        for layer in self.layers:
+            ids = self._ids(layer)
+            key = f"tying/{layer.name}"
+            out[f"{key}/rows"] = float(ids.numel())
+            out[f"{key}/zero_rows"] = float((ids == ZERO_ROW).sum())
+            out[f"{key}/clusters"] = float(torch.unique(ids[ids != ZERO_ROW]).numel())
+            if layer.name in self._converged:
+                out[f"{key}/converged"] = float(self._converged[layer.name])
+        return out
+
     def clusters(self) -> dict[str, Tensor] | None:
         """Cluster ids per layer (−1: zero row) once phase 2 has fixed them, else None."""
         if not self.tied:
@@ -247,6 +266,7 @@ class GrOWL(SparsityMethod):
         """Share one value per cluster; the first call fixes the support and the clusters."""
         for layer in self.layers:
             if not self.tied:
-                self._ids(layer).copy_(cluster_rows(layer.weight, self.preference, layer.name))
+                ids, self._converged[layer.name] = cluster_rows(layer.weight, self.affinity, layer.name)
+                self._ids(layer).copy_(ids)
             tie_rows_(layer.weight, self._ids(layer))
         self.tied.fill_(True)
