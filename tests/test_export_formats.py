@@ -314,3 +314,19 @@ def saved_task_names(run_dir: Path) -> list[str]:
     """The task names of a run, from its compact state_dict's head keys."""
     state = torch.load(run_dir / "compact_model.pt", weights_only=True)["state_dict"]
     return list(dict.fromkeys(k.split(".")[1] for k in state if k.startswith("heads.")))
+
+
+def test_deploy_benchmark_makes_a_run_the_cli_exports_and_tables_it(tmp_path):
+    pytest.importorskip("mtlsparse.models.deeplab")
+    from mtlsparse.benchmarks import export as bench
+
+    run_dir = tmp_path / "deeplab"
+    made = bench.make_run(run_dir, depth=18, width=0.0625, size=32, sparsity=0.7, heads=True)
+    assert 60 < made["sparsity/group"] < 80
+    assert main([str(run_dir), "--format", "onnx", "--ckpt", "last", "--batch", "2", "--repeats", "2"]) == 0
+    bench.main(["--deploy-table", str(run_dir), "--out", str(tmp_path / "bench")])
+    rows = json.loads((tmp_path / "bench" / "export_deploy.json").read_text())["rows"]
+    assert [r["runtime"] for r in rows] == ["torch eager", "onnxruntime (.onnx)"]
+    assert all(r["max_abs_diff"] <= TOLERANCE and r["flop_ratio"] > 2 for r in rows)
+    table = (tmp_path / "bench" / "export_deploy.md").read_text()
+    assert "| deeplab_resnet-18 width 0.0625, 32×32 | 2 |" in table and "onnxruntime (.onnx)" in table

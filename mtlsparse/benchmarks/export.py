@@ -10,6 +10,13 @@ median and interquartile range of repeats, dense and compact interleaved so mach
 hits both alike). Reports the measured speed-up next to the FLOP ratio, the speed-up a
 perfect kernel would give, or "no measurable change" when the two ranges overlap. Writes
 `bench/export.json` and `bench/export.md`.
+
+Deploy formats (docs/export.md): `--make-run DIR` writes a `deeplab_resnet` run dir instead
+(`.hydra/config.yaml` + `checkpoints/last.ckpt` of the same zeroed model, heads included with
+`--heads`), for `mtlsparse export DIR --format onnx,torch_export` to export as it would a
+trained run; `--deploy-table DIR ...` reads the exported runs' metrics.json and writes
+`bench/export_deploy.{json,md}`: equality and latency in torch eager, torch.export and
+onnxruntime, dense vs compact.
 """
 from __future__ import annotations
 
@@ -21,14 +28,19 @@ from collections.abc import Collection
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from mtlsparse.builders import build_run_model
 from mtlsparse.compaction.graph import Budget, channel_role, coupled_groups, dependency_graph
 from mtlsparse.compaction.surgery import compact, max_abs_diff, num_params, removal_counts
+from mtlsparse.config import compose_config
 from mtlsparse.io import atomic_write_text, write_json
 from mtlsparse.latency import count_flops, latency_spread_ms, measurable_difference
 from mtlsparse.metrics.sparsity import group_sparsity
+from mtlsparse.run_dir import MODEL_PREFIX, RunDir
 from mtlsparse.sparsity.layers import prunable_layers
+from mtlsparse.sparsity.scope import Scope
 from mtlsparse.tasks import Task
 
 NYU_TASKS = {"seg": Task("seg", kind="segmentation", num_classes=13), "depth": Task("depth", kind="depth"),
@@ -120,6 +132,104 @@ def markdown(rows: list[dict], note: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def make_run(run_dir: Path, depth: int, width: float, size: int, sparsity: float, heads: bool,
+             seed: int = 0) -> dict:
+    """A run dir as training leaves one, holding `deeplab_resnet` with `sparsity` of its channel groups zeroed.
+
+    The config is the composed `model=deeplab_resnet dataset=nyuv2 method=group_lasso` one
+    (scope.heads as `heads`), so `mtlsparse export` rebuilds the model from it; the weights
+    are random, zeroed by `zero_channel_groups_` (trunk, and the heads with `heads`).
+    """
+    cfg = compose_config(["model=deeplab_resnet", f"model.depth={depth}", f"model.width={width}", "dataset=nyuv2",
+                          f"dataset.image_size=[{size},{size}]", "method=group_lasso",
+                          f"scope.heads={str(heads).lower()}", f"seed={seed}", f"data_root={run_dir / 'data'}"])
+    torch.manual_seed(seed)
+    model, input_shape = build_run_model(cfg)
+    model.eval()
+    layers = prunable_layers(model, Scope(heads=heads))
+    x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(seed))
+    zero_channel_groups_(model, x, sparsity, [layer.module for layer in layers], seed)
+    layout = RunDir(run_dir)
+    layout.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    layout.config_dir.mkdir(parents=True, exist_ok=True)
+    composed = OmegaConf.to_container(cfg, resolve=False)
+    composed.pop("hydra", None)
+    OmegaConf.save(OmegaConf.create(composed), layout.config_file)
+    torch.save({"state_dict": {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}}, layout.last_checkpoint)
+    made = {"sparsity/group": group_sparsity([layer.weight for layer in layers]), "params/total": num_params(model),
+            "bench/model": f"deeplab_resnet-{depth} width {width:g}, {size}×{size}", "bench/heads_zeroed": heads,
+            "bench/weights": f"random init, {sparsity:.0%} of each coupled channel set zeroed (seed {seed})"}
+    write_json(layout.metrics_file, made)
+    return made
+
+
+RUNTIMES = (("torch", "torch eager", "latency/"), ("torch_export", "torch.export (.pt2)", "latency/torch_export/"),
+            ("onnx", "onnxruntime (.onnx)", "latency/onnx/"))
+
+
+def run_label(cfg) -> str:
+    """'HPS, group_lasso λ=0.001 (BN-coupled), 3×64×64' from a trained run's config."""
+    model = str(cfg.model._target_).rsplit(".", 1)[-1]
+    method = str(cfg.method._target_).rsplit(".", 1)[-1]
+    coupled = " (BN-coupled)" if OmegaConf.select(cfg, "method.couple_norms", default=False) else ""
+    size = OmegaConf.select(cfg, "dataset.image_size", default="?")
+    channels = OmegaConf.select(cfg, "dataset.channels", default="?")
+    return f"{model}, {method} λ={cfg.lam:g}{coupled}, trained, {channels}×{size}×{size}"
+
+
+def deploy_rows(run_dirs: list[Path]) -> list[dict]:
+    """One row per exported run and runtime, from each run's metrics.json."""
+    import json
+
+    rows = []
+    for run_dir in run_dirs:
+        layout = RunDir(run_dir)
+        m = json.loads(layout.metrics_file.read_text())
+        name = m.get("bench/model") or run_label(OmegaConf.load(layout.config_file))
+        for runtime, label, p in RUNTIMES:
+            if p + "dense_ms" not in m:
+                continue
+            diff = m["export/max_abs_diff_fp32"] if runtime == "torch" else m[f"export/{runtime}/max_abs_diff"]
+            rows.append({"run": str(run_dir), "model": name, "runtime": label, "sparsity_group": m["sparsity/group"],
+                         "params_dense": m["params/dense"], "params_compact": m.get("params/compact"),
+                         "flop_ratio": m["flops/dense"] / m["flops/compact"] if "flops/compact" in m else None,
+                         "max_abs_diff": diff,
+                         "dense_max_abs_diff": m.get(f"export/{runtime}/dense_max_abs_diff", 0.0),
+                         **{k: m.get(p + k) for k in ("dense_ms", "dense_iqr_ms", "compact_ms", "compact_iqr_ms",
+                                                      "speedup", "measurable", "dense_vs_torch",
+                                                      "dense_vs_torch_measurable", "compact_vs_torch",
+                                                      "compact_vs_torch_measurable")},
+                         "batch": m["latency/batch"], "threads": m["latency/threads"], "repeats": m["latency/repeats"]})
+    return rows
+
+
+def deploy_markdown(rows: list[dict], note: str) -> str:
+    def ratio(value, measurable) -> str:
+        return "—" if value is None else f"{value:.2f}×" if measurable else f"{value:.2f}× (not measurable)"
+
+    lines = ["| model | batch | group sparsity % | params dense → compact | FLOP ratio | runtime | max abs diff "
+             "dense / compact vs torch | latency dense → compact (ms, median [IQR]) | compact speed-up | "
+             "vs torch eager, dense / compact |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speedup = "—" if r["speedup"] is None else f"{r['speedup']:.2f}×" if r["measurable"] else \
+            "no measurable change"
+        vs = "—" if r["runtime"] == "torch eager" else \
+            f"{ratio(r['dense_vs_torch'], r['dense_vs_torch_measurable'])} / " \
+            f"{ratio(r['compact_vs_torch'], r['compact_vs_torch_measurable'])}"
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['sparsity_group']:.1f} | {r['params_dense'] / 1e6:.3g}M → "
+            f"{r['params_compact'] / 1e6:.3g}M | {r['flop_ratio']:.2f}× | {r['runtime']} | "
+            f"{r['dense_max_abs_diff']:.1e} / {r['max_abs_diff']:.1e} | "
+            f"{r['dense_ms']:.3g} [{r['dense_iqr_ms']:.2g}] → {r['compact_ms']:.3g} [{r['compact_iqr_ms']:.2g}] | "
+            f"{speedup} | {vs} |")
+    lines += ["", f"CPU, {rows[0]['threads']} thread(s) (torch and onnxruntime intra-op), median [interquartile "
+              f"range] of {', '.join(sorted({str(r['repeats']) for r in rows}))} repeats per model, the six models of "
+              "a run (3 runtimes × dense, compact) timed interleaved. max abs diff: "
+              "fp32 outputs against the masked torch model (torch eager row: the compact torch model). A speed-up or "
+              "a ratio counts only when the interquartile ranges do not overlap. " + note]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, nargs="+", default=[18, 50], help="ResNet depths (18 | 34 | 50)")
@@ -132,7 +242,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing")
     parser.add_argument("--note", default="", help="free text for the table caption (e.g. machine load)")
     parser.add_argument("--out", type=Path, default=Path("bench"))
+    parser.add_argument("--make-run", type=Path, default=None, metavar="DIR",
+                        help="write a zeroed deeplab_resnet run dir (first --depth) for `mtlsparse export`, then stop")
+    parser.add_argument("--heads", action="store_true", help="with --make-run: zero the heads' channel groups too")
+    parser.add_argument("--deploy-table", type=Path, nargs="+", default=None, metavar="DIR",
+                        help="exported run dirs: write bench/export_deploy.{json,md} from their metrics.json")
     args = parser.parse_args(argv)
+    if args.make_run is not None:
+        made = make_run(args.make_run, args.depth[0], args.width, args.size, args.sparsity, args.heads)
+        print(f"{args.make_run}: {made['bench/model']}, group sparsity {made['sparsity/group']:.1f}%")
+        return
+    if args.deploy_table is not None:
+        rows = deploy_rows(args.deploy_table)
+        write_json(args.out / "export_deploy.json", {"rows": rows, "machine": platform.processor() or
+                                                     platform.machine(), "cpu_count": os.cpu_count(),
+                                                     "torch": torch.__version__, "note": args.note})
+        atomic_write_text(args.out / "export_deploy.md", deploy_markdown(rows, args.note))
+        print(deploy_markdown(rows, args.note))
+        return
     rows = [measure(d, args.width, args.size, args.batch, args.sparsity, args.warmup, args.repeats, args.threads)
             for d in args.depth]
     results = {"rows": rows, "machine": platform.processor() or platform.machine(),
