@@ -298,7 +298,7 @@ def test_real_cli_exports_onnx_of_a_tiny_trained_run_from_outside_the_checkout(t
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     assert REPO not in elsewhere.parents
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": ""}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": ""}
     proc = subprocess.run([sys.executable, "-m", "mtlsparse", "export", str(run_dir), "--format", "onnx",
                            "--ckpt", "last", "--batch", "4", "--repeats", "5"], cwd=elsewhere, env=env,
                           capture_output=True, text=True, timeout=240)
