@@ -15,7 +15,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -25,6 +24,7 @@ from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.module import MultiTaskModule
 from mtlsparse.rank_check import RankConsistencyCheck
 from mtlsparse.run_dir import RunDir
+from mtlsparse.trackers import build_callbacks, build_loggers, log_run_config
 
 log = logging.getLogger("mtlsparse")
 ECHOED_GROUPS = ("dataset", "model", "balancer", "method")
@@ -85,20 +85,23 @@ def probe_optimizer(cfg: DictConfig, optimizer: Callable, scheduler: Callable | 
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, log_version: str = "") -> tuple[L.Trainer, ModelCheckpoint]:
-    """Lightning Trainer from `cfg.trainer`, with checkpointing, CSV logs and a rich progress bar.
+    """Lightning Trainer from `cfg.trainer`, with checkpointing, the chosen loggers and callbacks, a rich progress bar.
 
-    CSV logs go to `logs/metrics.csv`; a resumed run logs to `logs/<log_version>/` so the
-    interrupted attempt's log is kept.
+    CSV logs go to `logs/metrics.csv` whatever `logger` chooses; a resumed run logs to
+    `logs/<log_version>/` (TensorBoard to `tensorboard/<log_version>/`) so the interrupted
+    attempt's log is kept. The `logger` / `callbacks` groups' options come first, then the
+    user's own `trainer.logger` / `trainer.callbacks` nodes; every logger gets the run's
+    config as hyperparameters.
     """
     checkpoints = RunDir(run_dir).checkpoint_dir
     checkpoint = ModelCheckpoint(dirpath=checkpoints, monitor="val/select", mode="max",
                                  save_top_k=1, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False)
     # every epoch end, whatever the score (save_last only fires together with a top-k save): what resume reads
     latest = ModelCheckpoint(dirpath=checkpoints, save_top_k=1, filename="last", enable_version_counter=False)
-    callbacks: list[L.Callback] = [checkpoint, latest, RankConsistencyCheck()]
+    callbacks: list[L.Callback] = [checkpoint, latest, RankConsistencyCheck(), *build_callbacks(cfg)]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar(leave=False))
-    loggers: list = [CSVLogger(str(run_dir), name="logs", version=log_version)]  # always: report reads it
+    loggers = build_loggers(cfg, run_dir, log_version)  # CSV first, always
     extra = {key: [instantiate(node) for node in _as_list(cfg.trainer.get(key))] for key in ("callbacks", "logger")}
     trainer_cfg = OmegaConf.masked_copy(cfg, ["trainer"])
     with open_dict(trainer_cfg):
@@ -106,6 +109,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, log_version: str = "") -> tupl
         trainer_cfg.trainer.pop("logger", None)
     trainer = build(trainer_cfg, "trainer", callbacks=callbacks + extra["callbacks"], default_root_dir=str(run_dir),
                     logger=loggers + extra["logger"])
+    log_run_config(trainer.loggers, cfg)
     return trainer, checkpoint
 
 

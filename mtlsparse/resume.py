@@ -30,9 +30,12 @@ from mtlsparse.errors import ConfigError
 from mtlsparse.io import write_json
 from mtlsparse.run_dir import RunDir
 
-#: config keys that do not change results (where data lives, how progress is shown, how to resume)
+#: config keys that do not change results (where data lives, how progress is shown and recorded, how to resume):
+#: the trackers (`logger` group, `trainer.logger`) and the callbacks that only report; early_stopping does change
+#: results, so it stays part of the run's identity
 NON_SEMANTIC_KEYS = ("resume", "ckpt_path", "data_root", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
-                     "dataset.root", "dataset.num_workers", "export", "objective")
+                     "dataset.root", "dataset.num_workers", "export", "objective", "logger", "trainer.logger",
+                     "callbacks.lr_monitor", "callbacks.model_summary", "callbacks.early_stopping.verbose")
 RESUME_MODES = ("auto", "true", "false")
 MAX_LISTED_DIFFERENCES = 8
 
@@ -43,11 +46,17 @@ def semantic_config(cfg: DictConfig) -> dict[str, Any]:
                  for key, value in cfg.items() if key != "hydra"}
     for dotted in NON_SEMANTIC_KEYS:
         *parents, leaf = dotted.split(".")
-        node: Any = container
+        chain: list[Any] = [container]
         for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(leaf, None)
+            chain.append(chain[-1].get(key) if isinstance(chain[-1], dict) else None)
+        if not isinstance(chain[-1], dict) or leaf not in chain[-1]:
+            continue
+        chain[-1].pop(leaf)
+        # a node the pops left empty (callbacks=[lr_monitor]) is the same run as no node (no callbacks)
+        for key, node, parent in reversed(list(zip(parents, chain[1:], chain[:-1]))):
+            if node:
+                break
+            parent.pop(key)
     return container
 
 

@@ -30,6 +30,7 @@ from mtlsparse.resume import plan_run, record_job
 from mtlsparse.run_dir import RunDir, detach_file_logs
 from mtlsparse.sparsity.layer_report import write_layer_report
 from mtlsparse.sparsity.mask_analysis import write_mask_report
+from mtlsparse.trackers import check_trackers, log_final_metrics
 
 log = logging.getLogger("mtlsparse")
 ECHOED_KNOBS = ("k0", "k", "lam", "sparsity", "seed")
@@ -99,6 +100,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if rank_zero:
         layout.write_config_record(cfg, HydraConfig.get() if HydraConfig.initialized() else None)
     validate_knobs(cfg)
+    check_trackers(cfg)  # logger / callbacks options, and the extra a chosen tracker needs
     warn_unused_knobs(cfg, group_choices(cfg)["method"])
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build(cfg, "dataset")
@@ -131,6 +133,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                                              datamodule.input_shape, run_dir))  # compact model + latency
         write_json(layout.metrics_file, metrics)
         log.info("%s → %s", summary_line(metrics), layout.metrics_file)
+        log_final_metrics(trainer, cfg, metrics)  # metrics.json's numbers to every tracker as final/<key>
     return metrics
 
 
