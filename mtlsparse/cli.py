@@ -146,7 +146,9 @@ def preflight(args: list[str]) -> str | None:
         check_root_keys(cfg)
     except ConfigError as err:
         return str(err)
-    return missing_plugin(cfg) if multirun else None
+    from mtlsparse.trackers import missing_tracker_extra  # logger=wandb etc. without the 'trackers' extra
+
+    return missing_tracker_extra(cfg) or (missing_plugin(cfg) if multirun else None)
 
 
 #: Hydra plugins that come with an extra of ours: module → extra
