@@ -4,13 +4,12 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_norm_coupling import SHAPE, bn_hps
 from torch import nn
 
 from mtlsparse.channel_groups import ChannelGroups, producer_norms
 from mtlsparse.metrics.sparsity import group_sparsity
 from mtlsparse.sparsity import GroupLasso
-
-from test_norm_coupling import SHAPE, bn_hps
 
 
 def _coupled(channels: int = 4) -> ChannelGroups:
