@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtlsparse.builders import ECHOED_GROUPS, build_model, build_module, build_trainer, group_choices  # noqa: F401
 from mtlsparse.config import apply_preference, build, validate_knobs, warn_unused_knobs
 from mtlsparse.errors import ConfigError, DataError, MissingDataError
-from mtlsparse.export import export_after_training
+from mtlsparse.export import export_after_training, export_settings
 from mtlsparse.io import environment, write_json
 from mtlsparse.metrics.sparsity import matrix_weights, param_counts, row_metrics
 from mtlsparse.module import MultiTaskModule
@@ -101,6 +101,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         layout.write_config_record(cfg, HydraConfig.get() if HydraConfig.initialized() else None)
     validate_knobs(cfg)
     check_trackers(cfg)  # logger / callbacks options, and the extra a chosen tracker needs
+    try:
+        export_settings(cfg)  # a bad export node fails now, not after training
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     warn_unused_knobs(cfg, group_choices(cfg)["method"])
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build(cfg, "dataset")

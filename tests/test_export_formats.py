@@ -330,3 +330,12 @@ def test_deploy_benchmark_makes_a_run_the_cli_exports_and_tables_it(tmp_path):
     assert all(r["max_abs_diff"] <= TOLERANCE and r["flop_ratio"] > 2 for r in rows)
     table = (tmp_path / "bench" / "export_deploy.md").read_text()
     assert "| deeplab_resnet-18 width 0.0625, 32×32 | 2 |" in table and "onnxruntime (.onnx)" in table
+
+
+def test_a_bad_export_node_fails_before_training(tiny_cfg, tmp_path):
+    from mtlsparse.errors import ConfigError
+    from mtlsparse.train import run
+
+    with pytest.raises(ConfigError, match="export.formats"):
+        run(tiny_cfg("method=group_lasso", "lam=1e-2", "export.formats=[onnx,tflite]"), tmp_path)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.json").exists()
