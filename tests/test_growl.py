@@ -242,6 +242,11 @@ def test_clusters_live_in_the_state_dict():
     assert restored.tied and cluster_buffer_name("trunk.7") == "clusters_trunk_7"
     for name, ids in method.clusters().items():
         assert torch.equal(restored.clusters()[name], ids)
+    assert restored.report() == method.report() and any(k.endswith("/converged") for k in method.report())
+    old = {k: v for k, v in method.state_dict().items() if k != "tying_converged"}  # a checkpoint from before it
+    from_old = bound_growl(epochs_per_iteration=1, phase1_iterations=1)
+    from_old.load_state_dict(old)  # strict: loads, convergence unknown
+    assert not any(k.endswith("/converged") for k in from_old.report())
 
 
 # ------------------------------------------------------------------ config and training

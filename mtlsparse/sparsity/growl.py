@@ -85,7 +85,6 @@ class GrOWL(SparsityMethod):
         self.s_lmax, self.s_min = float(s_lmax), float(s_min)
         self.affinity = AffinitySettings(float(preference), float(ap_damping), ap_max_iter, ap_convergence_iter,
                                          ap_fallback)
-        self._converged: dict[str, bool] = {}  # AP convergence per layer at the first tie (not checkpointed)
         self.register_buffer("tied", torch.tensor(False))
         self.coupling = GroupCoupling(couple_norms)
 
@@ -95,8 +94,18 @@ class GrOWL(SparsityMethod):
         if len(set(names)) != len(names):
             raise ValueError(f"GrOWL: layer names collide as buffer names: {names}")
         self.register_buffer("prox_step", torch.zeros(len(self.layers)))
+        # AP convergence per layer at the first tie: 1 / 0, −1 before it (checkpointed: resumed runs report it)
+        self.register_buffer("tying_converged", self._unknown_convergence())
         for name, layer in zip(names, self.layers):
             self.register_buffer(name, torch.full((layer.num_groups,), ZERO_ROW, dtype=torch.long))
+
+    def _unknown_convergence(self) -> Tensor:
+        return torch.full((len(self.layers),), -1.0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Checkpoints from before `tying_converged` existed load with it unknown (−1)."""
+        state_dict.setdefault(prefix + "tying_converged", self._unknown_convergence())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def min_sparsity(self) -> float:
@@ -223,18 +232,18 @@ class GrOWL(SparsityMethod):
 
     def report(self) -> dict[str, float]:
         """Per layer once tied: `tying/<layer>/clusters` (non-zero rows' clusters), `/rows`, `/zero_rows`
-        and `/converged` (1/0: whether AP converged; absent after a resume, which does not re-cluster)."""
+        and `/converged` (1/0: whether AP converged at the tie)."""
         if not self.tied:
             return {}
         out: dict[str, float] = {}
-        for layer in self.layers:
+        for layer, converged in zip(self.layers, self.tying_converged.tolist()):
             ids = self._ids(layer)
             key = f"tying/{layer.name}"
             out[f"{key}/rows"] = float(ids.numel())
             out[f"{key}/zero_rows"] = float((ids == ZERO_ROW).sum())
             out[f"{key}/clusters"] = float(torch.unique(ids[ids != ZERO_ROW]).numel())
-            if layer.name in self._converged:
-                out[f"{key}/converged"] = float(self._converged[layer.name])
+            if converged >= 0:  # unknown in checkpoints written before it was recorded
+                out[f"{key}/converged"] = converged
         return out
 
     def clusters(self) -> dict[str, Tensor] | None:
@@ -266,7 +275,8 @@ class GrOWL(SparsityMethod):
         """Share one value per cluster; the first call fixes the support and the clusters."""
         for layer in self.layers:
             if not self.tied:
-                ids, self._converged[layer.name] = cluster_rows(layer.weight, self.affinity, layer.name)
+                ids, converged = cluster_rows(layer.weight, self.affinity, layer.name)
                 self._ids(layer).copy_(ids)
+                self.tying_converged[self.layers.index(layer)] = float(converged)
             tie_rows_(layer.weight, self._ids(layer))
         self.tied.fill_(True)
