@@ -20,7 +20,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
+WEIGHTED_TYPES = (nn.Linear, nn.modules.conv._ConvNd)  # layers whose weight has channel groups
 
 
 def group_view(weight: Tensor) -> Tensor:
@@ -148,7 +148,7 @@ def producer_norms(model: nn.Module, consumers: Iterable[tuple[str, nn.Module]],
     for name, module in consumers:
         group = graph.get_pruning_group(module, _in_channel_fn(module), idxs=[0])
         modules = [item.dep.target.module for item in group]
-        weighted = [m for m in modules if isinstance(m, _WEIGHTED)]
+        weighted = [m for m in modules if isinstance(m, WEIGHTED_TYPES)]
         norms = [m for m in modules if isinstance(m, NORM_TYPES)]
         if (len(weighted) == 2 and len(norms) == 1 and norms[0].affine
                 and norms[0].num_features == module.weight.shape[1]):

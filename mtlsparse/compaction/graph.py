@@ -37,7 +37,7 @@ from torch_pruning._helpers import GroupItem, _HybridIndex
 from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.dependency import Dependency
 
-from mtlsparse.channel_groups import ChannelGroups, dependency_graph
+from mtlsparse.channel_groups import WEIGHTED_TYPES, ChannelGroups, dependency_graph
 from mtlsparse.compaction.errors import BudgetExceeded, NotCompactable
 from mtlsparse.sparsity.masks import MASK
 
@@ -172,7 +172,7 @@ def probe(model: nn.Module, x: Tensor) -> tuple[dict[nn.Module, Tensor], int]:
             seen[module] = seen[module] & zero if module in seen else zero
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+               if isinstance(m, WEIGHTED_TYPES)]
     try:
         with torch.no_grad():
             outputs = tp.utils.flatten_as_list(model(x))

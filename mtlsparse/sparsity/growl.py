@@ -273,10 +273,10 @@ class GrOWL(SparsityMethod):
     @torch.no_grad()
     def _tie(self) -> None:
         """Share one value per cluster; the first call fixes the support and the clusters."""
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             if not self.tied:
                 ids, converged = cluster_rows(layer.weight, self.affinity, layer.name)
                 self._ids(layer).copy_(ids)
-                self.tying_converged[self.layers.index(layer)] = float(converged)
+                self.tying_converged[index] = float(converged)
             tie_rows_(layer.weight, self._ids(layer))
         self.tied.fill_(True)
