@@ -118,8 +118,8 @@ def test_cap_keeps_only_the_smallest_rows_zero_and_restores_the_others():
     assert torch.equal(weight[:, 3:7], before[:, 3:7])  # restored to their pre-prox values
 
 
-def test_penalty_is_the_growl_value_and_differentiable():
-    method = bound_growl(lam=0.5)
+def test_penalty_is_f0_scale_times_the_growl_value_independent_of_the_prox_strength():
+    method = bound_growl(lam=7.0, f0_scale=0.5)
     expected = 0.0
     for layer in method.layers:
         norms = sorted(group_norms(layer.weight.detach()).tolist(), reverse=True)
@@ -133,6 +133,8 @@ def test_penalty_is_the_growl_value_and_differentiable():
     other = (top + 1) % len(norms)
     torch.testing.assert_close(fc.grad[:, top], 0.5 * 1.0 * fc.detach()[:, top] / norms[top])
     torch.testing.assert_close(fc.grad[:, other], 0.5 * 0.2 * fc.detach()[:, other] / norms[other])
+    # the prox strength is λ·θ, whatever f0_scale is
+    torch.testing.assert_close(method.theta(method.layers[0]), 7.0 * method.spike(method.layers[0]))
 
 
 # ------------------------------------------------------------------ the two phases

@@ -200,8 +200,8 @@ def test_growl_penalty_uses_coupled_rows():
     method.coupling.couple(model, SHAPE, method.layers)
     conv2, fc1 = method.layers
     bn = model.trunk[1]
-    expected = (owl_value(group_norms(stack_groups([conv2.weight, bn.weight, bn.bias])), method.theta(conv2))
-                + owl_value(group_norms(fc1.weight), method.theta(fc1)))
+    expected = (owl_value(group_norms(stack_groups([conv2.weight, bn.weight, bn.bias])), method.spike(conv2))
+                + owl_value(group_norms(fc1.weight), method.spike(fc1)))
     torch.testing.assert_close(method.penalty(), expected)
 
 

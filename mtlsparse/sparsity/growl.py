@@ -7,11 +7,13 @@ of p epochs. An explicit `phase1_epochs` replaces the fraction and must leave a 
 epoch (or fit in the run when M2 = 0).
 
 Phase 1 (M1 outer iterations): the differentiable
-penalty λ·Σ_layers G_θ(W) is the sparsity objective L0 handed to the balancer, and at
-the end of every epoch each layer gets the exact GrOWL prox. Its step is the sum of the
-learning rates of the optimizer steps since the last prox, so the epoch-end prox is
-the lazy form of proximal SGD on Σ k_t L_t + λ·G_θ (the same λ convention as `l1` and
-`group_lasso`). At outer iteration j a layer may have at most ⌊j·s_lmax/M1 · #rows⌋
+penalty f0 = f0_scale·Σ_layers G_θ(W), with the paper's θ, is the sparsity objective L0
+handed to the balancer, and at the end of every epoch each layer gets the exact GrOWL
+prox of strength λ: its step is λ·θ times the sum of the learning rates of the optimizer
+steps since the last prox, so the epoch-end prox is the lazy form of proximal SGD on
+Σ k_t L_t + λ·G_θ (the same λ convention as `l1` and `group_lasso`). The two knobs are
+separate: λ sets how hard the prox zeroes rows, f0_scale how much f0 weighs in the balancer
+(next to k0; in the Chebyshev constraints f0 also enters every task's ε-term). At outer iteration j a layer may have at most ⌊j·s_lmax/M1 · #rows⌋
 zero rows; past that cap the rows with the smallest norms stay zero and the others
 get their pre-prox values back (as the reference code does).
 
@@ -58,14 +60,16 @@ class GrOWL(SparsityMethod):
 
     structured = True
 
-    def __init__(self, lam: float = 1.0, beta1: float = 0.8, beta2: float = 0.2, epochs_per_iteration: int = 3,
+    def __init__(self, lam: float = 1.0, f0_scale: float = 1.0, beta1: float = 0.8, beta2: float = 0.2,
+                 epochs_per_iteration: int = 3,
                  phase1_iterations: int = 3, phase2_iterations: int = 10, phase1_epochs: int | None = None,
                  s_lmax: float = 0.8, s_min: float = 0.2, preference: float = 0.7,
                  scope: ScopeLike = None, couple_norms: bool = False, ap_damping: float = 0.5,
                  ap_max_iter: int = 200, ap_convergence_iter: int = 15, ap_fallback: str = "retry") -> None:
         super().__init__(scope)
         for key, value, ok, allowed in (
-                ("lam", lam, lam >= 0, ">= 0"), ("beta1", beta1, beta1 >= 0, ">= 0"),
+                ("lam", lam, lam >= 0, ">= 0"), ("f0_scale", f0_scale, f0_scale >= 0, ">= 0"),
+                ("beta1", beta1, beta1 >= 0, ">= 0"),
                 ("beta2", beta2, beta2 >= 0, ">= 0"),
                 ("epochs_per_iteration", epochs_per_iteration, epochs_per_iteration >= 1, ">= 1"),
                 ("phase1_iterations", phase1_iterations, phase1_iterations >= 1, ">= 1"),
@@ -73,7 +77,8 @@ class GrOWL(SparsityMethod):
                 ("s_lmax", s_lmax, 0 <= s_lmax <= 1, "in [0, 1]"), ("s_min", s_min, 0 <= s_min < 1, "in [0, 1)")):
             if not ok:
                 raise ValueError(f"method.{key} must be {allowed}, got {value}")
-        self.lam, self.beta1, self.beta2 = float(lam), float(beta1), float(beta2)
+        self.lam, self.f0_scale = float(lam), float(f0_scale)
+        self.beta1, self.beta2 = float(beta1), float(beta2)
         self.epochs_per_iteration = epochs_per_iteration
         self.phase1_iterations, self.phase2_iterations = phase1_iterations, phase2_iterations
         if phase1_epochs is not None and (isinstance(phase1_epochs, bool) or not isinstance(phase1_epochs, int)
@@ -175,16 +180,21 @@ class GrOWL(SparsityMethod):
         return j * self.s_lmax / self.phase1_iterations
 
     # ------------------------------------------------------------ hooks
+    def spike(self, layer: PrunableLayer) -> Tensor:
+        """The paper's GrOWL-Spike weights θ for one layer's rows (θ_1 = β1 + β2, θ_i = β2), unscaled."""
+        return spike_weights(layer.num_groups, self.beta1, self.beta2).to(layer.weight)
+
     def theta(self, layer: PrunableLayer) -> Tensor:
-        """λ-scaled GrOWL-Spike weights for one layer's rows."""
-        return (self.lam * spike_weights(layer.num_groups, self.beta1, self.beta2)).to(layer.weight)
+        """The prox's weights λ·θ: a row norm shrinks by Σlr·λ·θ_i per epoch-end prox."""
+        return self.lam * self.spike(layer)
 
     def channel_groups(self) -> list[ChannelGroups]:
         return [self.coupling.groups(layer) for layer in self.layers]
 
     def penalty(self) -> Tensor | None:
-        return sum(owl_value(group_norms(self.coupling.groups(layer).stacked()), self.theta(layer))
-                   for layer in self.layers)
+        """f0 = f0_scale · Σ_layers G_θ(W), the sparsity objective handed to the balancer (independent of λ)."""
+        return self.f0_scale * sum(owl_value(group_norms(self.coupling.groups(layer).stacked()), self.spike(layer))
+                                   for layer in self.layers)
 
     @torch.no_grad()
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
