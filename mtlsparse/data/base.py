@@ -35,6 +35,10 @@ class ImageData:
     test_targets: Tensor
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    #: a validation split built apart from the training samples (val_from=held_out_items), else None:
+    #: the data module holds out val_fraction of the training samples
+    val_images: Tensor | None = None
+    val_targets: Tensor | None = None
 
 
 class BatchIndexDataset(Dataset):
@@ -75,6 +79,21 @@ class BatchIndexDataset(Dataset):
         return x, {name: y[t] for t, name in enumerate(self.task_names)}
 
 
+#: where validation samples come from: a hold-out of the training samples, or samples built only
+#: from items (images) that no training sample contains (pair datasets; elsewhere the two coincide)
+VAL_SOURCES = ("training_items", "held_out_items")
+
+
+def check_val_from(val_from: str, val_fraction: float) -> str:
+    """Validate `dataset.val_from` (one of VAL_SOURCES; held_out_items needs a validation split)."""
+    if val_from not in VAL_SOURCES:
+        raise ValueError(f"dataset.val_from must be one of {', '.join(VAL_SOURCES)}, got {val_from!r}")
+    if val_from == "held_out_items" and val_fraction <= 0:
+        raise ValueError("dataset.val_from=held_out_items needs a validation split: set dataset.val_fraction > 0 "
+                         "(e.g. 0.1)")
+    return val_from
+
+
 def check_loader_options(batch_size: int, eval_batch_size: int, val_fraction: float,
                          limit_train: int | None, limit_test: int | None) -> None:
     """Reject loader options that cannot work, naming the key (shared by every data module)."""
@@ -102,7 +121,15 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     Subclasses set ``tasks`` and ``input_shape`` in ``__init__`` (models are built
     from them before any data is loaded) and implement :meth:`load`.
+
+    ``val_from``: ``training_items`` (default) holds out ``val_fraction`` of the training
+    samples; ``held_out_items`` validates on samples made only of items no training sample
+    uses. Datasets whose samples share items (two-item pairs) set ``shares_items`` and build
+    that split in :meth:`load` (``ImageData.val_images``); for the others every sample is its
+    own item, so the two choices give the same split.
     """
+
+    shares_items: bool = False  # samples are composed from a pool of items that several samples reuse
 
     source_hint: str = ""  # how to obtain the data: the advice missing-data errors give, for docs and CLIs
 
@@ -117,9 +144,11 @@ class MultiTaskDataModule(L.LightningDataModule):
         limit_train: int | None = None,
         limit_test: int | None = None,
         augment_shift: int = 0,
+        val_from: str = "training_items",
     ) -> None:
         super().__init__()
         check_loader_options(batch_size, eval_batch_size, val_fraction, limit_train, limit_test)
+        self.val_from = check_val_from(val_from, val_fraction)
         self.root = root
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -169,18 +198,26 @@ class MultiTaskDataModule(L.LightningDataModule):
             if tuple(x.shape[1:]) != tuple(self.input_shape):
                 shape = tuple(x.shape[1:])
                 raise ValueError(f"{type(self).__name__}: images {shape} != input_shape {self.input_shape}")
-        perm = torch.randperm(len(train_x), generator=generator)
-        n_val = round(len(train_x) * self.val_fraction)
-        self.val_indices, self.train_indices = perm[:n_val].sort().values, perm[n_val:].sort().values
         names = list(self.tasks)
 
         def dataset(x: Tensor, y: Tensor, **augment) -> BatchIndexDataset:
             return BatchIndexDataset(x, y, names, data.mean, data.std, **augment)
 
         augment = {"shift": self.augment_shift, "generator": torch.Generator().manual_seed(self.seed + 1)}
+        if data.val_images is not None:  # built from held-out items: every training sample trains
+            # limit_train shrinks the held-out validation set in proportion (val : train as when built)
+            share = len(data.val_images) / len(data.train_images)
+            limit_val = None if self.limit_train is None else max(1, round(len(train_x) * share))
+            val_x, val_y = _subsample(data.val_images, data.val_targets, limit_val, generator)
+            self.train_indices, self.val_indices = torch.arange(len(train_x)), None
+        else:
+            perm = torch.randperm(len(train_x), generator=generator)
+            n_val = round(len(train_x) * self.val_fraction)
+            self.val_indices, self.train_indices = perm[:n_val].sort().values, perm[n_val:].sort().values
+            val_x, val_y = train_x[self.val_indices], train_y[self.val_indices]
         self.datasets = {
             "train": dataset(train_x[self.train_indices], train_y[self.train_indices], **augment),
-            "val": dataset(train_x[self.val_indices], train_y[self.val_indices]),
+            "val": dataset(val_x, val_y),
             "test": dataset(test_x, test_y),
         }
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from mtlsparse.data.base import ImageData, MultiTaskDataModule
-from mtlsparse.data.pairs import build_pairs, channel_stats
+from mtlsparse.data.pairs import build_pairs, channel_stats, hold_out, subset
 from mtlsparse.data.sources import ImageSet
 from mtlsparse.tasks import Task
 
@@ -29,6 +29,8 @@ def load_digits_items() -> ImageSet:
 
 class MultiDigits(MultiTaskDataModule):
     """Two sklearn digits per image, left at (0,0) and right at (offset,offset); tasks ``left``/``right``."""
+
+    shares_items = True
 
     source_hint = "scikit-learn's bundled digits (pip install scikit-learn); nothing to download"
 
@@ -64,10 +66,22 @@ class MultiDigits(MultiTaskDataModule):
             "test": ImageSet(items.images[perm[:n_test]], items.labels[perm[:n_test]]),
             "train": ImageSet(items.images[perm[n_test:]], items.labels[perm[n_test:]]),
         }
-        pairs = {
-            split: build_pairs(split_items[split], split_items[split], count, self.canvas, self.offset, generator)
-            for split, count in (("train", self.train_pairs), ("test", self.test_pairs))
-        }
+        counts = {"train": self.train_pairs, "test": self.test_pairs}
+        draws = dict.fromkeys(counts, generator)
+        if self.val_from == "held_out_items":  # as MultiPairDataModule: test pairs stay the default's
+            kept, held = hold_out(len(perm) - n_test, self.val_fraction, torch.Generator().manual_seed(self.seed + 2))
+            pool = split_items["train"]
+            split_items["train"], split_items["val"] = subset(pool, kept), subset(pool, held)
+            counts["val"] = max(1, round(self.train_pairs * self.val_fraction))
+            counts["train"] = self.train_pairs - counts["val"]
+            if counts["train"] < 1:
+                raise ValueError(f"dataset.val_fraction={self.val_fraction} leaves no training pairs: lower it")
+            draws["train"] = draws["val"] = torch.Generator().manual_seed(self.seed + 3)
+            for _ in range(2):
+                torch.randint(len(perm) - n_test, (self.train_pairs,), generator=generator)
+        pairs = {split: build_pairs(split_items[split], split_items[split], count, self.canvas, self.offset,
+                                    draws[split])
+                 for split, count in counts.items()}
         mean, std = channel_stats(pairs["train"].images)
         return ImageData(
             train_images=pairs["train"].images,
@@ -76,4 +90,6 @@ class MultiDigits(MultiTaskDataModule):
             test_targets=pairs["test"].targets,
             mean=mean,
             std=std,
+            val_images=pairs["val"].images if "val" in pairs else None,
+            val_targets=pairs["val"].targets if "val" in pairs else None,
         )

@@ -13,7 +13,7 @@ import torch
 
 from mtlsparse.data.base import ImageData, MultiTaskDataModule
 from mtlsparse.data.cache import build_cached, cache_path, save_atomic
-from mtlsparse.data.pairs import build_pairs, channel_stats
+from mtlsparse.data.pairs import build_pairs, channel_stats, hold_out, subset
 from mtlsparse.data.sources import SOURCES, load_source
 from mtlsparse.tasks import Task
 
@@ -22,7 +22,16 @@ BUILD_VERSION = 1  # bump when the build changes, so old caches are not reused
 
 
 class MultiPairDataModule(MultiTaskDataModule):
-    """Pairs of 28x28 items (left from ``left_source``, right from ``right_source``); tasks ``left``/``right``."""
+    """Pairs of 28x28 items (left from ``left_source``, right from ``right_source``); tasks ``left``/``right``.
+
+    With ``val_from=held_out_items`` the sources' training items are split first (the same
+    split for both sides when they share a source): ``val_fraction`` of the items are held out,
+    and ``val_fraction`` of ``train_pairs`` are built from them as the validation pairs, the rest
+    from the other items. So no validation image contains an item seen in training, and the
+    train/val pair counts equal the default split's.
+    """
+
+    shares_items = True
 
     left_source = "mnist"
     right_source = "mnist"
@@ -66,7 +75,26 @@ class MultiPairDataModule(MultiTaskDataModule):
             "train_pairs": self.train_pairs,
             "test_pairs": self.test_pairs,
             "seed": self.seed,
-        }
+        } | self._held_out_params()
+
+    def _held_out_params(self) -> dict[str, Any]:
+        """Build keys of the held-out-items validation split (none for the default split, whose caches stay valid)."""
+        return {"val_from": self.val_from, "val_fraction": self.val_fraction} if self.held_out else {}
+
+    @property
+    def held_out(self) -> bool:
+        return self.val_from == "held_out_items"
+
+    @property
+    def splits(self) -> dict[str, int]:
+        """Pairs to build per split: the val pairs come out of train_pairs when they are built apart."""
+        if not self.held_out:
+            return {"train": self.train_pairs, "test": self.test_pairs}
+        n_val = max(1, round(self.train_pairs * self.val_fraction))
+        if n_val >= self.train_pairs:
+            raise ValueError(f"dataset.val_fraction={self.val_fraction} leaves no training pairs of "
+                             f"train_pairs={self.train_pairs}: lower val_fraction")
+        return {"train": self.train_pairs - n_val, "val": n_val, "test": self.test_pairs}
 
     @property
     def cache_path(self) -> Path:
@@ -86,21 +114,42 @@ class MultiPairDataModule(MultiTaskDataModule):
             test_targets=c["test_targets"],
             mean=tuple(c["mean"]),
             std=tuple(c["std"]),
+            val_images=c.get("val_images"),
+            val_targets=c.get("val_targets"),
         )
 
     def build(self) -> dict[str, Any]:
-        """Build train pairs from the sources' train items and test pairs from their test items."""
+        """Build train pairs from the sources' train items and test pairs from their test items
+        (and, for held_out_items, val pairs from train items that no train pair uses)."""
         sources = {name: load_source(name, self.root, self.download) for name in (self.left_source, self.right_source)}
-        left, right = sources[self.left_source], sources[self.right_source]
         generator = torch.Generator().manual_seed(self.seed)
+        # per split: which items of which source split each side draws from, and the random stream
+        everything = {name: torch.arange(len(source["train"].images)) for name, source in sources.items()}
+        plan = {"train": ("train", everything, generator), "test": ("test", None, generator)}
+        if self.held_out:
+            # items held out once per source (shared sides share the split); train/val pairs get their own
+            # stream, and the main stream skips the default train draws, so the test pairs stay the default's
+            item_generator = torch.Generator().manual_seed(self.seed + 2)
+            parts = {name: hold_out(len(index), self.val_fraction, item_generator)
+                     for name, index in everything.items()}
+            pair_generator = torch.Generator().manual_seed(self.seed + 3)
+            plan["train"] = ("train", {name: kept for name, (kept, _) in parts.items()}, pair_generator)
+            plan["val"] = ("train", {name: held for name, (_, held) in parts.items()}, pair_generator)
+            for name in (self.left_source, self.right_source):
+                torch.randint(len(everything[name]), (self.train_pairs,), generator=generator)
         out: dict[str, Any] = {"params": self.build_params}
-        for split, count in (("train", self.train_pairs), ("test", self.test_pairs)):
-            pairs = build_pairs(left[split], right[split], count, self.canvas, self.offset, generator, self.resize)
+        for split, count in self.splits.items():
+            source_split, pools, draws = plan[split]
+            sides = [sources[name][source_split] for name in (self.left_source, self.right_source)]
+            index = [torch.arange(len(side.images)) if pools is None else pools[name]
+                     for side, name in zip(sides, (self.left_source, self.right_source))]
+            pairs = build_pairs(subset(sides[0], index[0]), subset(sides[1], index[1]), count, self.canvas,
+                                self.offset, draws, self.resize)
             out |= {
                 f"{split}_images": pairs.images,
                 f"{split}_targets": pairs.targets,
-                f"{split}_left_index": pairs.left_index,
-                f"{split}_right_index": pairs.right_index,
+                f"{split}_left_index": index[0][pairs.left_index],  # into the source split's items
+                f"{split}_right_index": index[1][pairs.right_index],
             }
         mean, std = channel_stats(out["train_images"])
         return out | {"mean": list(mean), "std": list(std)}
@@ -109,7 +158,7 @@ class MultiPairDataModule(MultiTaskDataModule):
         """Raise if a loaded cache does not match what build() would produce."""
         if c["params"] != self.build_params:
             raise ValueError(f"built with {c['params']}, expected {self.build_params}")
-        for split, count in (("train", self.train_pairs), ("test", self.test_pairs)):
+        for split, count in self.splits.items():
             images, targets = c[f"{split}_images"], c[f"{split}_targets"]
             if images.dtype != torch.uint8 or tuple(images.shape) != (count, *self.input_shape):
                 raise ValueError(f"{split}_images is {images.dtype} {tuple(images.shape)}")

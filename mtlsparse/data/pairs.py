@@ -49,6 +49,20 @@ def resize_images(images: Tensor, size: int, chunk: int = 8192) -> Tensor:
     return out
 
 
+def hold_out(n: int, fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Indices (kept, held out) of n items split at random, ``round(fraction·n)`` held out (at least 1)."""
+    perm = torch.randperm(n, generator=generator)
+    n_held = max(1, round(n * fraction))
+    if n_held >= n:
+        raise ValueError(f"dataset.val_fraction={fraction} holds out all {n} items: lower dataset.val_fraction")
+    return perm[n_held:].sort().values, perm[:n_held].sort().values
+
+
+def subset(items: ImageSet, index: Tensor) -> ImageSet:
+    """The items at ``index``."""
+    return ImageSet(items.images[index], items.labels[index])
+
+
 def build_pairs(
     left: ImageSet,
     right: ImageSet,
