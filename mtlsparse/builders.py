@@ -55,6 +55,7 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> MultiTas
     tasks = list(datamodule.tasks)
     check_task_count(cfg, tasks)
     model = build_model(cfg, datamodule)
+    model.set_budget(cfg.trainer.max_epochs)  # architecture schedules (LTB's search phase), checked before data
     balancer = build(cfg, "balancer", tasks=tasks)
     method = build(cfg, "method")
     method.set_budget(cfg.trainer.max_epochs)  # fractions of the run → epochs; unreachable epochs fail here

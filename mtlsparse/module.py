@@ -226,6 +226,7 @@ class MultiTaskModule(L.LightningModule):
         self._epoch_hooks_done = self.current_epoch
         self.train_seconds += time.perf_counter() - self._epoch_t0
         state = self.training_state()
+        self.model.on_train_epoch_end(state)  # an architecture that changes (LTB fixes its branching) goes first
         self.method.on_train_epoch_end(state)
         self.balancer.on_train_epoch_end(state)
         self.log_dict({f"balancer/{k}": v for k, v in self.balancer.state_summary().items()}, sync_dist=True)

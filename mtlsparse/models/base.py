@@ -10,6 +10,12 @@ A model whose tasks see the input only through one shared tensor z declares
 `decode(z) -> outputs`; gradient balancers in `mode=representation` (MGDA-UB) then
 differentiate w.r.t. z. Anything a model computes besides the outputs (an auxiliary
 loss) belongs in `encode`, so both paths compute it.
+
+An architecture that changes during the fit (LTB fixes its branching after a search
+phase) uses the two schedule hooks: `set_budget(max_epochs)` right after construction
+(fractions of the run → epochs, unreachable epochs fail before training) and
+`on_train_epoch_end(state)` at every training epoch end, before the sparsity method's and
+the balancer's hooks. Both do nothing by default.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlsparse.tasks import Task
+from mtlsparse.training_state import TrainingState
 
 
 class MultiTaskModel(nn.Module):
@@ -63,6 +70,12 @@ class MultiTaskModel(nn.Module):
     def auxiliary_loss(self) -> Tensor | None:
         """Architecture-level loss of the last training forward (e.g. distillation), added unweighted."""
         return None
+
+    def set_budget(self, max_epochs: int | None) -> None:
+        """The run's epoch budget, right after construction (resolve epoch schedules; fail on unreachable ones)."""
+
+    def on_train_epoch_end(self, state: TrainingState) -> None:
+        """Architecture-level work at a training epoch end, before the method's and balancer's hooks."""
 
 
 def flat_features(in_shape: Sequence[int], trunk: nn.Module) -> int:
