@@ -228,7 +228,7 @@ def model_options() -> list[str]:
 NOT_COMPACTED = {"cross_stitch"}
 # options that need an extra override to build small (as in test_train's smoke runs)
 MODEL_EXTRA = {"kdmtl": ["model.allow_untrained_teachers=true"], "vgg16_mt": ["model.width=0.125"],
-               "deeplab_resnet": ["model.width=0.0625"]}
+               "deeplab_resnet": ["model.width=0.0625"], "ltb_resnet": ["model.width=0.0625", "model.depth=18"]}
 
 
 @pytest.mark.parametrize("option", model_options())

@@ -26,8 +26,9 @@ TASKS = {"a": Task("a", num_classes=3), "b": Task("b", num_classes=4)}
 MODELS = sorted(p.stem for p in Path(CONF_DIR, "model").glob("*.yaml"))
 #: overrides that keep each model tiny (or buildable without teachers)
 SMALL = {"deeplab_resnet": ["model.depth=18", "model.width=0.0625"], "vgg16_mt": ["model.width=0.125"],
-         "kdmtl": ["model.allow_untrained_teachers=true"]}
-SPLIT = {"cross_stitch", "deeplab_resnet", "hps", "hps_lenet", "kdmtl", "vgg16_mt"}  # today's split models
+         "kdmtl": ["model.allow_untrained_teachers=true"], "ltb_resnet": ["model.depth=18", "model.width=0.0625"]}
+SPLIT = {"cross_stitch", "deeplab_resnet", "hps", "hps_lenet", "kdmtl", "vgg16_mt",  # today's split models
+         "dselect_k", "ltb", "ltb_resnet"}  # dselect_k with its default static gates
 
 
 class Tiny(nn.Module):

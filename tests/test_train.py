@@ -27,7 +27,8 @@ REQUIRED_KEYS = ["test/mean_acc", "sparsity/param", "sparsity/group", "sparsity/
 # options that need an extra override to run in 2 tiny steps
 SMOKE_EXTRA = {("model", "kdmtl"): ["model.allow_untrained_teachers=true"],
                ("model", "vgg16_mt"): ["model.width=0.125"],
-               ("model", "deeplab_resnet"): ["model.width=0.0625", "model.depth=18"]}
+               ("model", "deeplab_resnet"): ["model.width=0.0625", "model.depth=18"],
+               ("model", "ltb_resnet"): ["model.width=0.0625", "model.depth=18"]}
 
 
 def options(group: str) -> list[str]:
