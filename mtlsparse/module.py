@@ -145,6 +145,8 @@ class MultiTaskModule(L.LightningModule):
             # below the sparsity floor an epoch can't beat one above it; closer to the floor ranks higher
             floor = max(self.min_sparsity, self.method.min_sparsity)
             values["val/select"] = score - 1e3 * max(0.0, floor - sparsity["sparsity/param"])
+            if not self.trainer.sanity_checking:
+                self.method.on_validated(self.training_state(), score, sparsity["sparsity/param"])
         # torchmetrics already reduced these over DDP ranks, and sparsity is identical on every rank
         # (RankConsistencyCheck): the sync is a no-op mean that keeps Lightning's DDP logging consistent
         self.log_dict({**values, **sparsity}, prog_bar=False, sync_dist=True)
@@ -205,12 +207,29 @@ class MultiTaskModule(L.LightningModule):
     def _announce(self, event: Event) -> None:
         """Hand an event to the part that declared a handler for it."""
         if isinstance(event, PhaseStarted):
+            if event.restart_optimizer:
+                self._restart_optimization()
             self.balancer.on_phase_started(event)
         else:  # pragma: no cover - every Event type is dispatched above
             raise TypeError(f"no handler for event {event!r}")
 
+    def _restart_optimization(self) -> None:
+        """Fresh optimizer state and the lr schedule from its first epoch, over the epochs left (PhaseStarted)."""
+        left = None if self.trainer.max_epochs in (None, -1) else max(1, self.trainer.max_epochs - self.current_epoch)
+        for optimizer in self.trainer.optimizers:
+            optimizer.state.clear()  # Adam's moments and step counts, SGD's momentum buffers
+            for group in optimizer.param_groups:
+                group["lr"] = group.get("initial_lr", group["lr"])
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            scheduler.last_epoch = 0
+            if left is not None and hasattr(scheduler, "T_max"):
+                scheduler.T_max = left  # a horizon-bound schedule (cosine) ends with the run again
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
     def on_train_epoch_start(self) -> None:
         self._epoch_t0 = time.perf_counter()
+        self.method.on_train_epoch_start(self.training_state())
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.trainer.is_last_batch:
@@ -228,6 +247,10 @@ class MultiTaskModule(L.LightningModule):
         state = self.training_state()
         self.model.on_train_epoch_end(state)  # an architecture that changes (LTB fixes its branching) goes first
         self.method.on_train_epoch_end(state)
+        if self.method.dead_tol > 0:  # the dead-row rule: numerically dead groups/units become exact zeros
+            snapped = self.method.snap_dead_()
+            self.log_dict({"sparsity/dead_groups_zeroed": float(snapped.groups),
+                           "sparsity/dead_units_zeroed": float(snapped.units)}, sync_dist=True)
         self.balancer.on_train_epoch_end(state)
         self.log_dict({f"balancer/{k}": v for k, v in self.balancer.state_summary().items()}, sync_dist=True)
 

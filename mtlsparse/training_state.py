@@ -23,10 +23,16 @@ Batch = Any  # (inputs, {task: target}) as the datamodule yields it, on the mode
 
 @dataclass(frozen=True)
 class PhaseStarted:
-    """A sparsity method starts its phase `phase` after epoch `epoch` (GrOWL: phase 2, retraining tied rows)."""
+    """A sparsity method starts its phase `phase` after epoch `epoch` (GrOWL: phase 2, retraining tied rows).
+
+    `restart_optimizer`: the phase retrains from a fresh optimizer, so the loop clears the
+    optimizer's state (Adam's moments) and restarts the learning-rate schedule at its first
+    epoch, its horizon (cosine's T_max) shortened to the epochs left.
+    """
 
     phase: int
     epoch: int
+    restart_optimizer: bool = False
 
 
 #: every event a part may announce

@@ -16,7 +16,7 @@ from mtlsparse.sparsity.layers import group_norms, group_view
 from mtlsparse.sparsity.owl import cap_zero_rows_, growl_prox_, owl_prox, owl_value, spike_weights
 from mtlsparse.sparsity.tying import AffinitySettings, cluster_rows, tie_rows_
 from mtlsparse.tasks import Task
-from mtlsparse.training_state import TrainingState
+from mtlsparse.training_state import PhaseStarted, TrainingState
 
 from conftest import compose_cfg
 
@@ -218,7 +218,9 @@ def test_phase_two_ties_rows_and_keeps_zero_rows_zero_after_optimizer_steps():
     model_params = [p for layer in method.layers for p in layer.module.parameters()]
     optimizer = torch.optim.Adam(model_params, lr=0.1)
     method.after_optimizer_step(optimizer)
-    method.on_train_epoch_end(at_epoch(0))  # last phase-1 epoch: prox, cap, cluster, tie
+    method.on_train_epoch_end(at_epoch(0))  # last phase-1 epoch: prox, cap
+    assert not method.tied
+    method.on_train_epoch_start(at_epoch(1))  # phase 2 starts: cluster, tie
     assert method.tied and method.masks() is not None
     for _ in range(3):  # gradients reach every row; the fixed support must survive each step
         optimizer.zero_grad()
@@ -239,13 +241,15 @@ def test_phase_two_ties_rows_and_keeps_zero_rows_zero_after_optimizer_steps():
 def test_clusters_live_in_the_state_dict():
     method = bound_growl(epochs_per_iteration=1, phase1_iterations=1)
     method.on_train_epoch_end(at_epoch(0))
+    method.on_train_epoch_start(at_epoch(1))
     restored = bound_growl(epochs_per_iteration=1, phase1_iterations=1)
     restored.load_state_dict(method.state_dict())
     assert restored.tied and cluster_buffer_name("trunk.7") == "clusters_trunk_7"
     for name, ids in method.clusters().items():
         assert torch.equal(restored.clusters()[name], ids)
     assert restored.report() == method.report() and any(k.endswith("/converged") for k in method.report())
-    old = {k: v for k, v in method.state_dict().items() if k != "tying_converged"}  # a checkpoint from before it
+    old = {k: v for k, v in method.state_dict().items()  # a checkpoint from before these were kept
+           if k not in ("tying_converged", "phase2_source_epoch", "_extra_state")}
     from_old = bound_growl(epochs_per_iteration=1, phase1_iterations=1)
     from_old.load_state_dict(old)  # strict: loads, convergence unknown
     assert not any(k.endswith("/converged") for k in from_old.report())
@@ -325,3 +329,65 @@ def test_the_default_recipe_runs_both_phases_in_a_two_epoch_budget(tiny_cfg, tmp
     assert method.tied and [method.phase(e) for e in range(2)] == [1, 2]
     assert method.cap(0) == pytest.approx(method.s_lmax)
     assert metrics["sparsity/sr"] > 0 and metrics["sparsity/cr"] > 1
+
+
+# ------------------------------------------------------------------ phase 2 starts from the best phase-1 model
+def test_phase_two_retrains_the_best_phase_one_model_above_s_min():
+    model = tiny_hps()
+    method = GrOWL(epochs_per_iteration=1, phase1_iterations=3, phase2_iterations=1, s_min=0.2, preference=-1.0)
+    method.setup(model)
+    method.set_budget(4)
+    events: list = []
+    weight = method.layers[0].weight
+    marks = {}
+    # epoch 0 scores best but is below s_min; epoch 1 is the best above it; epoch 2 is worse
+    for epoch, (score, sparsity) in enumerate([(0.9, 10.0), (0.7, 30.0), (0.6, 50.0)]):
+        with torch.no_grad():
+            weight.fill_(float(epoch + 1))
+        marks[epoch] = weight.detach().clone()
+        state = TrainingState(model=model, epoch=epoch, announce=events.append)
+        method.on_train_epoch_end(state)
+        method.on_validated(state, score, sparsity)
+    assert not method.tied and events == []
+    method.on_train_epoch_start(TrainingState(model=model, epoch=3, announce=events.append))
+    assert method.tied and torch.equal(weight.detach(), marks[1])  # restored epoch 1, then tied (equal rows)
+    assert events == [PhaseStarted(phase=2, epoch=2, restart_optimizer=True)]
+    assert method.report()["growl/phase2_source_epoch"] == 1.0
+    assert method.get_extra_state() == {"best": None}  # the copy is dropped once used
+
+
+def test_phase_two_from_last_and_continue_keeps_the_last_model_and_the_optimizer():
+    model = tiny_hps()
+    method = GrOWL(epochs_per_iteration=1, phase1_iterations=1, phase2_iterations=1, phase2_from="last",
+                   phase2_optimizer="continue", preference=-1.0)
+    method.setup(model)
+    method.set_budget(2)
+    events: list = []
+    state = TrainingState(model=model, epoch=0, announce=events.append)
+    method.on_train_epoch_end(state)
+    method.on_validated(state, 0.9, 90.0)
+    assert method.get_extra_state() == {"best": None}  # `last` keeps no copy
+    method.on_train_epoch_start(TrainingState(model=model, epoch=1, announce=events.append))
+    assert method.tied and method.report()["growl/phase2_source_epoch"] == 0.0
+    assert events == [PhaseStarted(phase=2, epoch=0, restart_optimizer=False)]
+
+
+def test_the_best_phase_one_model_survives_a_checkpoint():
+    model = tiny_hps()
+    method = GrOWL(epochs_per_iteration=1, phase1_iterations=2, phase2_iterations=1)
+    method.setup(model)
+    method.set_budget(3)
+    method.on_validated(TrainingState(model=model, epoch=0), 0.5, 50.0)
+    restored = GrOWL(epochs_per_iteration=1, phase1_iterations=2, phase2_iterations=1)
+    restored.setup(tiny_hps())
+    restored.load_state_dict(method.state_dict())
+    best = restored.get_extra_state()["best"]
+    assert best["epoch"] == 0 and best["score"] == 0.5
+    for name, value in model.state_dict().items():
+        assert torch.equal(best["state"][name], value)
+
+
+@pytest.mark.parametrize("key, value", [("phase2_from", "first"), ("phase2_optimizer", "reset")])
+def test_bad_phase_two_options_name_the_choices(key, value):
+    with pytest.raises(ConfigError, match=f"method.{key} must be one of"):
+        GrOWL(**{key: value})

@@ -64,8 +64,9 @@ def test_growl_announces_phase_two_once_when_the_support_is_fixed():
     method.set_budget(4)
     events: list = []
     for epoch in range(4):
+        method.on_train_epoch_start(TrainingState(epoch=epoch, announce=events.append))
         method.on_train_epoch_end(TrainingState(epoch=epoch, announce=events.append))
-    assert events == [PhaseStarted(phase=2, epoch=1)]
+    assert events == [PhaseStarted(phase=2, epoch=1, restart_optimizer=True)]
 
 
 def _chebyshev_after(order: str) -> Chebyshev:
@@ -99,7 +100,7 @@ def test_the_event_reaches_the_balancer_in_a_real_growl_run(tiny_cfg, tmp_path):
     module.balancer.on_phase_started = lambda event: (received.append(event), handler(event))
     trainer, _ = build_trainer(cfg, tmp_path)
     trainer.fit(module, datamodule=datamodule)
-    assert received == [PhaseStarted(phase=2, epoch=0)]  # after the only phase-1 epoch, once
+    assert received == [PhaseStarted(phase=2, epoch=0, restart_optimizer=True)]  # after the only phase-1 epoch, once
 
 
 def test_disagreeing_iteration_lengths_are_named(tiny_cfg, caplog):
@@ -107,3 +108,32 @@ def test_disagreeing_iteration_lengths_are_named(tiny_cfg, caplog):
     with caplog.at_level(logging.WARNING, logger="mtlsparse"):
         validate_knobs(cfg)
     assert "method.epochs_per_iteration=2 but balancer.epochs_per_iteration=3" in caplog.text
+
+
+class OptimizerProbe(L.Callback):
+    """Records, at each epoch's first batch (before its step), the lr and whether Adam holds state."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, bool]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            optimizer = trainer.optimizers[0]
+            self.seen.append((optimizer.param_groups[0]["lr"], bool(optimizer.state)))
+
+
+@pytest.mark.parametrize("restart", ["restart", "continue"])
+def test_phase_two_restarts_the_optimizer_and_its_schedule(tiny_cfg, tmp_path, restart):
+    cfg = tiny_cfg("method=growl", "trainer.max_epochs=3", "method.phase1_epochs=1", "method.lam=0.05",
+                   "scheduler=step", "scheduler.step_size=1", "scheduler.gamma=0.5", "optimizer.lr=0.01",
+                   f"method.phase2_optimizer={restart}")
+    datamodule = build(cfg, "dataset")
+    module = build_module(cfg, datamodule)
+    probe = OptimizerProbe()
+    trainer, _ = build_trainer(cfg, tmp_path)
+    trainer.callbacks.append(probe)
+    trainer.fit(module, datamodule=datamodule)
+    if restart == "restart":  # phase 2 (epoch 1) starts at the initial lr with no Adam moments, then decays again
+        assert probe.seen == [(0.01, False), (0.01, False), (0.005, True)]
+    else:
+        assert probe.seen == [(0.01, False), (0.005, True), (0.0025, True)]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from mtlsparse.channel_groups import ChannelGroups
 from mtlsparse.models.base import MultiTaskModel
+from mtlsparse.sparsity.dead_rows import Snapped, snap_dead_
 from mtlsparse.sparsity.layers import PrunableLayer, prunable_layers
 from mtlsparse.sparsity.scope import Scope, ScopeLike
 from mtlsparse.training_state import TrainingState
@@ -27,6 +28,9 @@ class SparsityMethod(nn.Module):
     structured = False
     #: % sparsity/param an epoch needs to be selected as best checkpoint (GrOWL's s_min)
     min_sparsity = 0.0
+    #: groups / units at most this fraction of their layer's largest norm are set to zero at epoch ends
+    #: (`dead_rows`; the structured methods take it as `method.dead_tol`); 0: the rule is off
+    dead_tol = 0.0
 
     def __init__(self, scope: ScopeLike = None) -> None:
         super().__init__()
@@ -71,8 +75,20 @@ class SparsityMethod(nn.Module):
         """Runs once before training (mask initialisation from data, e.g. SNIP); subclasses call super()."""
         self.ensure_budget(state)
 
+    def on_train_epoch_start(self, state: TrainingState) -> None:
+        """Runs before each training epoch's first step (GrOWL starts phase 2 here, once its last
+        phase-1 epoch has been validated)."""
+
     def on_train_epoch_end(self, state: TrainingState) -> None:
         """Runs after each training epoch (thresholding, schedules, phase changes)."""
+
+    def on_validated(self, state: TrainingState, score: float, param_sparsity: float) -> None:
+        """Runs after each validation epoch (not Lightning's sanity check) with that epoch's selection
+        score (`val/select` before any sparsity floor, higher is better) and `sparsity/param` (%)."""
+
+    def snap_dead_(self) -> Snapped:
+        """Set the numerically dead groups and units of the method's layers to zero (`dead_rows`, `dead_tol`)."""
+        return snap_dead_(self.channel_groups(), self.dead_tol) if self.dead_tol > 0 else Snapped()
 
     def report(self) -> dict[str, float]:
         """Method-specific scalars for metrics.json at the end of the run (e.g. GrOWL's tying per layer)."""

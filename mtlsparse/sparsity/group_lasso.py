@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mtlsparse.channel_groups import ChannelGroups, group_norms, stack_groups
 from mtlsparse.sparsity.base import param_state
+from mtlsparse.sparsity.dead_rows import check_tolerance
 from mtlsparse.sparsity.norm_coupling import GroupCoupling
 from mtlsparse.sparsity.prox import group_prox_, group_prox_metric_
 from mtlsparse.sparsity.prox_method import ProxMethod
@@ -45,8 +46,9 @@ class GroupLasso(ProxMethod):
 
     def __init__(self, lam: float = 0.0, prox: str = "adam", finetune_fraction: float = 0.0,
                  finetune_epochs: int | None = None, scope: ScopeLike = None,
-                 couple_norms: bool = False) -> None:
+                 couple_norms: bool = False, dead_tol: float = 0.0) -> None:
         super().__init__(lam, finetune_fraction, finetune_epochs, scope)
+        self.dead_tol = check_tolerance(dead_tol)
         if prox not in PROX_VARIANTS:
             raise ValueError(f"method.prox must be one of {PROX_VARIANTS}, got '{prox}'")
         self.prox = prox

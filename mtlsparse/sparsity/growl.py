@@ -13,16 +13,22 @@ prox of strength λ: its step is λ·θ times the sum of the learning rates of t
 steps since the last prox, so the epoch-end prox is the lazy form of proximal SGD on
 Σ k_t L_t + λ·G_θ (the same λ convention as `l1` and `group_lasso`). The two knobs are
 separate: λ sets how hard the prox zeroes rows, f0_scale how much f0 weighs in the balancer
-(next to k0; in the Chebyshev constraints f0 also enters every task's ε-term). At outer iteration j a layer may have at most ⌊j·s_lmax/M1 · #rows⌋
-zero rows; past that cap the rows with the smallest norms stay zero and the others
-get their pre-prox values back (as the reference code does).
+(next to k0; in the Chebyshev constraints f0 also enters every task's ε-term). At outer
+iteration j a layer may have at most ⌊j·s_lmax/M1 · #rows⌋ zero rows; past that cap the
+rows with the smallest norms stay zero and the others get their pre-prox values back (as
+the reference code does). After each validation the model is kept if it is the best so far
+(selection score) among those with sparsity/param >= 100·s_min (Algorithm 1, step 7).
 
-Phase 2: at the end of phase 1 the non-zero rows of each layer are clustered by
-affinity propagation and tied (each cluster's rows replaced by their mean); from then
-on the zero rows stay exactly zero after every optimizer step and the rows are tied
-again after every epoch, so every model after phase 1 is sparse and tied. Phase and
-iteration follow from the epoch number; the clusters and the pending prox step are
-buffers, so checkpoints and resumed runs carry them.
+Phase 2 starts before the first step of the epoch after phase 1 (so the last phase-1 model
+was validated): by default (`phase2_from=best`) the kept best phase-1 model is restored
+(`last`: the model phase 1 ended with), the non-zero rows of each layer are clustered by
+affinity propagation and tied (each cluster's rows replaced by their mean), and with
+`phase2_optimizer=restart` (default) the optimizer and its lr schedule start afresh, as
+Algorithm 1 repeats its steps for phase 2 and the reference code re-creates its optimizer.
+From then on the zero rows stay exactly zero after every optimizer step and the rows are
+tied again after every epoch, so every model validated in phase 2 is sparse and tied.
+Phase and iteration follow from the epoch number; the clusters, the pending prox step and
+the best phase-1 model are module state, so checkpoints and resumed runs carry them.
 
 `couple_norms: true` makes each row also hold the producing BatchNorm's γ_c, β_c (see
 `norm_coupling`), so the prox and its cap act on whole channels of a BN trunk.
@@ -40,6 +46,7 @@ from mtlsparse.errors import ConfigError
 from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.base import SparsityMethod, param_state
 from mtlsparse.sparsity.budget import epoch_count, finite_budget
+from mtlsparse.sparsity.dead_rows import check_tolerance
 from mtlsparse.sparsity.layers import PrunableLayer, group_norms, group_shape
 from mtlsparse.sparsity.norm_coupling import GroupCoupling
 from mtlsparse.sparsity.owl import cap_zero_rows_, growl_prox_, owl_value, spike_weights
@@ -48,6 +55,13 @@ from mtlsparse.sparsity.tying import ZERO_ROW, AffinitySettings, cluster_rows, t
 from mtlsparse.training_state import PhaseStarted, TrainingState
 
 log = logging.getLogger(__name__)
+
+
+#: which phase-1 model phase 2 retrains: the best by validation with sparsity >= s_min (the paper), or the last
+PHASE2_SOURCES = ("best", "last")
+#: phase 2 starts a fresh optimizer and lr schedule (as Algorithm 1 repeats its steps, and the reference code
+#: does), or continues the phase-1 ones
+PHASE2_OPTIMIZER = ("restart", "continue")
 
 
 def cluster_buffer_name(layer_name: str) -> str:
@@ -65,8 +79,10 @@ class GrOWL(SparsityMethod):
                  phase1_iterations: int = 3, phase2_iterations: int = 10, phase1_epochs: int | None = None,
                  s_lmax: float = 0.8, s_min: float = 0.2, preference: float = 0.7,
                  scope: ScopeLike = None, couple_norms: bool = False, ap_damping: float = 0.5,
-                 ap_max_iter: int = 200, ap_convergence_iter: int = 15, ap_fallback: str = "retry") -> None:
+                 ap_max_iter: int = 200, ap_convergence_iter: int = 15, ap_fallback: str = "retry",
+                 phase2_from: str = "best", phase2_optimizer: str = "restart", dead_tol: float = 0.0) -> None:
         super().__init__(scope)
+        self.dead_tol = check_tolerance(dead_tol)
         for key, value, ok, allowed in (
                 ("lam", lam, lam >= 0, ">= 0"), ("f0_scale", f0_scale, f0_scale >= 0, ">= 0"),
                 ("beta1", beta1, beta1 >= 0, ">= 0"),
@@ -90,8 +106,15 @@ class GrOWL(SparsityMethod):
         self.s_lmax, self.s_min = float(s_lmax), float(s_min)
         self.affinity = AffinitySettings(float(preference), float(ap_damping), ap_max_iter, ap_convergence_iter,
                                          ap_fallback)
+        for key, value, allowed in (("phase2_from", phase2_from, PHASE2_SOURCES),
+                                    ("phase2_optimizer", phase2_optimizer, PHASE2_OPTIMIZER)):
+            if value not in allowed:
+                raise ConfigError(f"method.{key} must be one of {', '.join(allowed)}, got {value!r}")
+        self.phase2_from, self.phase2_optimizer = phase2_from, phase2_optimizer
         self.register_buffer("tied", torch.tensor(False))
+        self.register_buffer("phase2_source_epoch", torch.tensor(-1))  # phase-1 epoch phase 2 retrained (−1: none)
         self.coupling = GroupCoupling(couple_norms)
+        self._best: dict | None = None  # best phase-1 model so far: {"epoch", "score", "state"} (extra state)
 
     def setup(self, model: MultiTaskModel) -> None:
         super().setup(model)
@@ -108,9 +131,19 @@ class GrOWL(SparsityMethod):
         return torch.full((len(self.layers),), -1.0)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        """Checkpoints from before `tying_converged` existed load with it unknown (−1)."""
+        """Checkpoints from before `tying_converged`, `phase2_source_epoch` and the best phase-1 model
+        were kept load with them unknown (−1) or absent."""
         state_dict.setdefault(prefix + "tying_converged", self._unknown_convergence())
+        state_dict.setdefault(prefix + "phase2_source_epoch", torch.tensor(-1))
+        state_dict.setdefault(prefix + "_extra_state", {"best": None})
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def get_extra_state(self) -> dict:
+        """The best phase-1 model (a copy of the model's state) until phase 2 has used it: resumed runs keep it."""
+        return {"best": self._best}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._best = state.get("best")
 
     @property
     def min_sparsity(self) -> float:
@@ -217,21 +250,47 @@ class GrOWL(SparsityMethod):
                  self.phase1_iterations)
 
     def on_train_epoch_end(self, state: TrainingState) -> None:
-        """Phase 1: prox + cap (then cluster and tie after its last epoch). Phase 2: tie.
-
-        Announces `PhaseStarted(2)` when the first tie fixes the support: Algorithm 1 restarts
-        the augmented Lagrangian for phase 2 (the Chebyshev balancer's handler does that).
-        """
+        """Phase 1: prox + cap. Phase 2: tie. Without a phase 2 (M2 = 0) the last epoch clusters and ties."""
         epoch = state.epoch
         if self.phase(epoch) == 1:
             self._prox(self.cap(epoch))
-        if epoch + 1 >= self.phase1_epochs:
-            starting_phase2 = not bool(self.tied)
+        if self.tied or (self.phase2_iterations == 0 and epoch + 1 >= self.phase1_epochs):
             self._tie()
-            if starting_phase2:
-                state.announce(PhaseStarted(phase=2, epoch=epoch))
         state.log({"growl/phase": float(self.phase(epoch)), "growl/iteration": float(self.iteration(epoch)),
                    "growl/cap": self.cap(epoch)})
+
+    def on_validated(self, state: TrainingState, score: float, param_sparsity: float) -> None:
+        """Phase 1: keep the model if it is the best so far with sparsity/param >= 100·s_min (Algorithm 1, step 7)."""
+        if self.tied or self.phase(state.epoch) != 1 or self.phase2_from != "best":
+            return
+        if param_sparsity >= 100.0 * self.s_min and (self._best is None or score > self._best["score"]):
+            copy = {name: value.detach().clone() for name, value in state.model.state_dict().items()}
+            self._best = {"epoch": state.epoch, "score": float(score), "state": copy}
+
+    def on_train_epoch_start(self, state: TrainingState) -> None:
+        """The first phase-2 epoch: retrain the best phase-1 model (or the last), clustered and tied.
+
+        Runs before the epoch's first step, so the last phase-1 epoch was validated (and could be
+        the best). Announces `PhaseStarted(2)`: Algorithm 1 repeats its steps 2–10 for phase 2, so
+        the Chebyshev balancer restarts its augmented Lagrangian and, with
+        `phase2_optimizer=restart`, the loop restarts the optimizer and its lr schedule.
+        """
+        if self.tied or self.phase2_iterations == 0 or state.epoch < self.phase1_epochs:
+            return
+        if self._best is not None:
+            state.model.load_state_dict(self._best["state"])
+            self.phase2_source_epoch.fill_(self._best["epoch"])
+            log.info("GrOWL: phase 2 retrains the best phase-1 model (epoch %d, score %.4f)", self._best["epoch"],
+                     self._best["score"])
+        else:
+            self.phase2_source_epoch.fill_(state.epoch - 1)
+            if self.phase2_from == "best":
+                log.warning("GrOWL: no phase-1 epoch reached sparsity/param >= %.0f%% (method.s_min=%g); phase 2 "
+                            "retrains the last phase-1 model", 100 * self.s_min, self.s_min)
+        self._best = None  # used: checkpoints from here on do not carry a second model
+        self._tie()
+        state.announce(PhaseStarted(phase=2, epoch=state.epoch - 1,
+                                    restart_optimizer=self.phase2_optimizer == "restart"))
 
     def masks(self) -> dict[str, Tensor] | None:
         """Support of the non-zero rows, broadcast to each weight's shape (phase 2 only)."""
@@ -246,6 +305,8 @@ class GrOWL(SparsityMethod):
         if not self.tied:
             return {}
         out: dict[str, float] = {}
+        if self.phase2_iterations:
+            out["growl/phase2_source_epoch"] = float(self.phase2_source_epoch)
         for layer, converged in zip(self.layers, self.tying_converged.tolist()):
             ids = self._ids(layer)
             key = f"tying/{layer.name}"
