@@ -186,3 +186,27 @@ def test_refit_freezes_the_support_and_stops_shrinking():
         torch.testing.assert_close(layer.weight[:, 4:], adam_only[:, 4:])  # no prox shrinkage any more
         assert not torch.equal(layer.weight[:, 4:], before[:, 4:])
     assert "weight_mask" in dict(layer.module.named_buffers())  # the frozen support lives with the model
+
+
+def test_lambda_warm_up_ramps_the_prox_strength_then_holds_it():
+    from mtlsparse.sparsity.group_lasso import GroupLasso
+    from mtlsparse.training_state import TrainingState
+
+    method = GroupLasso(lam=0.4, warmup_epochs=4, finetune_epochs=2)
+    method.set_budget(10)
+    strengths = []
+    for epoch in range(8):
+        method.on_train_epoch_start(TrainingState(epoch=epoch))
+        strengths.append(method.strength)
+    assert strengths == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4, 0.4, 0.4, 0.4])
+    fraction = GroupLasso(lam=0.4, warmup_fraction=0.2)
+    fraction.set_budget(10)
+    assert fraction.ramp_epochs == 2
+
+
+def test_a_warm_up_past_the_refit_is_refused_with_the_keys():
+    from mtlsparse.errors import ConfigError
+    from mtlsparse.sparsity.group_lasso import GroupLasso
+
+    with pytest.raises(ConfigError, match="warm-up lasts 8 epochs but only 6 epochs run the prox"):
+        GroupLasso(lam=0.4, warmup_epochs=8, finetune_epochs=4).set_budget(10)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlsparse.balancers.base import BalanceContext, Balancer, require_shared_parameters
-from mtlsparse.gradients import batch_gramian, check_mode, require_representation
+from mtlsparse.gradients import GramianPath, check_mode, require_representation
 
 NAME = "fairgrad"
 
@@ -103,7 +103,7 @@ class FairGrad(Balancer):
     """
 
     def __init__(self, tasks: Sequence[str], k0: float = 0.0, k: Sequence[float] | None = None,
-                 alpha: float = 1.0, ridge: float = 1e-6, mode: str = "params") -> None:
+                 alpha: float = 1.0, ridge: float = 1e-6, mode: str = "params", path: str = "jacobian") -> None:
         super().__init__(tasks, k0, k)
         if alpha <= 0:
             raise ValueError(f"balancer.alpha must be > 0, got {alpha}")
@@ -111,6 +111,7 @@ class FairGrad(Balancer):
             raise ValueError(f"balancer.ridge must be >= 0, got {ridge}")
         self.alpha, self.ridge, self.mode = float(alpha), float(ridge), check_mode(mode)
         self.needs_representation = mode == "representation"
+        object.__setattr__(self, "grad_path", GramianPath(path, f"balancer={NAME}"))
         self.register_buffer("weights", torch.ones(len(self.tasks)), persistent=False)
 
     def setup(self, model: nn.Module) -> None:
@@ -118,11 +119,12 @@ class FairGrad(Balancer):
         require_shared_parameters(f"balancer={NAME}", model)
         if self.needs_representation:
             require_representation(NAME, model)
+        self.grad_path.setup(model, self.needs_representation)
 
     def _gram(self, losses: dict[str, Tensor], ctx: BalanceContext) -> Tensor:
-        """Gramian of the per-task gradients over the (global) batch (`gradients.batch_gramian`)."""
-        return batch_gramian([losses[task] for task in self.tasks], ctx.shared_params, ctx.representation,
-                             self.needs_representation, NAME)
+        """Gramian of the per-task gradients over the (global) batch (`gradients.batch_gramian`, by `path`)."""
+        return self.grad_path.batch_gramian([losses[task] for task in self.tasks], ctx.shared_params,
+                                            ctx.representation, self.needs_representation, NAME)
 
     def forward(self, losses: dict[str, Tensor], penalty: Tensor | None, ctx: BalanceContext) -> Tensor:
         stacked = self.stack(losses)

@@ -12,6 +12,13 @@ Weightings that ignore the gradients (`rlw`, `mean`, `sum`) skip J: Σ_t w_t L_t
 Aggregators run in float32 (float64 for a float64 Jacobian) outside autocast, whatever the
 training precision; d is cast back to the gradients' dtype. `mgda` uses the project's exact
 min-norm solver (torchjd's MGDA is Frank–Wolfe with a loose stopping rule).
+
+`path=gramian` (or `auto`) skips J for the rules whose direction is d = Σ_t w_t g_t with w a
+function of the Gramian G = J Jᵀ alone (every rule but `graddrop` and `config`): G comes from
+torchjd's autogram engine (params mode) or from the cheap rows ∂L_t/∂z (representation mode),
+and the surrogate back-propagates the losses once: Σ_t w_t L_t on the shared parameters, plus a
+correction so every other parameter still gets Σ_t ∇L_t. Same update as the Jacobian path, up
+to rounding (docs/methods/balancers.md, "Gramian path").
 """
 from __future__ import annotations
 
@@ -27,9 +34,11 @@ from torch import Tensor, nn
 from mtlsparse.balancers.base import BalanceContext, Balancer, require_shared_parameters
 from mtlsparse.balancers.min_norm import min_norm_weights_of_gram
 from mtlsparse.gradients import (
+    GramianPath,
     check_mode,
     from_rank0_,
     gramian,
+    jacobian,
     linear_surrogate,
     pull_back,
     rank_mean_,
@@ -66,6 +75,53 @@ class ExactMGDA(tja.WeightedAggregator):
 
     def __init__(self) -> None:
         super().__init__(MinNormWeighting())
+
+
+class MinNormGramianWeighting(tja.Weighting):
+    """MinNormWeighting from the Gramian itself (the Gramian path)."""
+
+    def forward(self, gram: Tensor, /) -> Tensor:
+        return min_norm_weights_of_gram(gram).to(gram)
+
+
+def gram_factor(gram: Tensor) -> Tensor:
+    """R [m, m] with R Rᵀ = G (eigendecomposition, negative rounding clamped): rows with the tasks' Gramian."""
+    values, vectors = torch.linalg.eigh(gram)
+    return vectors * values.clamp_min(0).sqrt()
+
+
+class FactorWeighting(tja.Weighting):
+    """A weighting that reads the matrix only through J Jᵀ and ‖wᵀJ‖ (Nash-MTL), applied to G's factor R.
+
+    R has the same Gramian as J, so every quantity the weighting forms (R Rᵀ = J Jᵀ,
+    ‖wᵀR‖² = wᵀGw) is J's: the same weights, up to rounding.
+    """
+
+    def __init__(self, weighting: tja.Weighting) -> None:
+        super().__init__()
+        self.matrix_weighting = weighting
+
+    def forward(self, gram: Tensor, /) -> Tensor:
+        return self.matrix_weighting(gram_factor(gram))
+
+
+#: why the rules that stay on the Jacobian path need J (the Gramian path refuses them)
+NEEDS_JACOBIAN = {
+    "graddrop": "its direction keeps or drops each coordinate by the signs of the task gradients",
+    "config": "its direction is a pseudo-inverse of the normalised task gradients, with no Gramian weighting in "
+              "torchjd",
+}
+
+
+def gramian_weighting(aggregator: tja.Aggregator) -> tja.Weighting | None:
+    """The weighting G → w of an aggregator whose direction is wᵀJ with w a function of G alone; None otherwise."""
+    if isinstance(aggregator, tja.GramianWeightedAggregator):
+        return aggregator.gramian_weighting
+    if isinstance(aggregator, ExactMGDA):
+        return MinNormGramianWeighting()
+    if isinstance(aggregator, tja.NashMTL):
+        return FactorWeighting(aggregator.weighting)
+    return None
 
 
 def _nash_mtl(n_tasks: int, **options: Any) -> tja.Aggregator:
@@ -141,10 +197,11 @@ class JD(Balancer):
     representation mode aggregates each rank's own batch. The state of the stateful
     aggregators (GradVac's similarity EMA, Nash-MTL's last weights) is saved in checkpoints.
     The returned value is Σ k_t L_t (+ k0·L0), for logging; its gradient is the direction above.
+    `path` (`jacobian` | `gramian` | `auto`) says how the weights' Gramian is formed (module docstring).
     """
 
     def __init__(self, tasks: Sequence[str], k0: float = 0.0, k: Sequence[float] | None = None,
-                 aggregator: str = "upgrad", mode: str = "params", **options: Any) -> None:
+                 aggregator: str = "upgrad", mode: str = "params", path: str = "jacobian", **options: Any) -> None:
         super().__init__(tasks, k0, k)
         check_mode(mode)
         built = build_aggregator(aggregator, len(self.tasks), self.k.clone(), dict(options))
@@ -152,6 +209,13 @@ class JD(Balancer):
         object.__setattr__(self, "aggregator", built)
         self.aggregator_name, self.mode, self.spec = aggregator, mode, AGGREGATORS[aggregator]
         self.needs_representation = mode == "representation" and not self.spec.gradient_free
+        weighting = None if self.spec.gradient_free else gramian_weighting(built)
+        needs_jacobian = None if self.spec.gradient_free or weighting is not None else NEEDS_JACOBIAN.get(
+            aggregator, "torchjd gives it no Gramian weighting")
+        # plain attributes, as the aggregator: the weighting is the aggregator's own (its state is checkpointed there)
+        object.__setattr__(self, "gramian_weighting", weighting)
+        object.__setattr__(self, "grad_path", GramianPath(path, f"balancer={aggregator} (balancer=jd)",
+                                                          needs_jacobian))
         self.register_buffer("weights", torch.full((len(self.tasks),), float("nan")), persistent=False)
         self._params: list[nn.Parameter] | None = None
 
@@ -167,6 +231,7 @@ class JD(Balancer):
         require_shared_parameters(f"balancer={self.aggregator_name} (balancer=jd)", model)
         if self.needs_representation:
             require_representation(self.name, model)
+        self.grad_path.setup(model, self.needs_representation)
 
     def forward(self, losses: dict[str, Tensor], penalty: Tensor | None, ctx: BalanceContext) -> Tensor:
         stacked = self.stack(losses)
@@ -178,7 +243,73 @@ class JD(Balancer):
             return self.add_penalty((weights * stacked).sum(), penalty)
         if self._params is None:
             raise RuntimeError(f"balancer {self.name}: call setup(model) before training (MultiTaskModule does)")
+        if self.grad_path.gramian_path:
+            surrogate = self._gramian_surrogate(losses, stacked, ctx, value)
+            if surrogate is not None:
+                return self.add_penalty(surrogate, penalty)
         return self.add_penalty(linear_surrogate(self._directions(losses, ctx), value), penalty)
+
+    def _gramian_surrogate(self, losses: dict[str, Tensor], stacked: Tensor, ctx: BalanceContext,
+                           value: Tensor) -> Tensor | None:
+        """The Gramian path's scalar: gradient d = Σ_t w_t g_t on the shared parameters, Σ_t ∇L_t on the others.
+
+        Params mode: w from autogram's G, then Σ_t w_t L_t plus ⟨q, Σ_t (1 − w_t) ∇_q L_t⟩ on
+        every other parameter q (a backward from the losses to those parameters only, e.g. the
+        heads), plus a zero term on each shared parameter so one that no loss reaches still gets
+        a zero gradient, as on the Jacobian path. Representation mode: w from the rows ∂L_t/∂z,
+        then Σ_t L_t plus ⟨z, d_z − Σ_t ∂L_t/∂z⟩, so z's cotangent is d_z (pulled back through the
+        trunk by the one backward) and the heads get Σ_t ∇L_t. None where `auto` fell back to J.
+        """
+        task_losses = [losses[t] for t in self.tasks]
+        shared_ids = {id(p) for p in ctx.shared_params}
+        others = [p for p in self._params if p.requires_grad and id(p) not in shared_ids]
+        if self.needs_representation:
+            z = representation_of(ctx.representation, self.name)
+            if not self.grad_path.check_split(z, task_losses, ctx.shared_params, others):
+                return None
+            rows = jacobian(task_losses, [z])
+            weights = self._weights_of(gramian(rows), rows.dtype, global_rows=False)
+            work = rows.to(weights.dtype)
+            direction = (weights @ work).to(rows.dtype)
+            if not torch.isfinite(direction).all():
+                raise FloatingPointError(f"balancer {self.name} produced a non-finite update direction from task "
+                                         f"gradients of norms {rows.norm(dim=1).tolist()}")
+            correction = (direction - rows.sum(dim=0)).detach()
+            surrogate = stacked.sum() + (z * correction.view_as(z)).sum()
+            return surrogate - surrogate.detach() + value.detach()
+        shared = trainable_shared(ctx.shared_params, f"balancer {self.name}")
+        gram = self.grad_path.gramian(task_losses, shared)
+        if gram is None:
+            return None
+        weights = self._weights_of(gram, shared[0].dtype, global_rows=True).to(stacked)
+        surrogate = (weights * stacked).sum() + torch.stack([p.sum() for p in shared]).sum() * 0
+        rest = (1 - weights) * stacked
+        if others and rest.requires_grad:
+            grads = torch.autograd.grad(rest.sum(), others, retain_graph=True, allow_unused=True)
+            terms = [(p * g.detach()).sum() for p, g in zip(others, grads) if g is not None]
+            if terms:
+                surrogate = surrogate + torch.stack(terms).sum()
+        return surrogate - surrogate.detach() + value.detach()
+
+    @torch.no_grad()
+    def _weights_of(self, gram: Tensor, dtype: torch.dtype, global_rows: bool) -> Tensor:
+        """Task weights from a float64 Gramian, in the dtype the Jacobian path's aggregator would work in.
+
+        `global_rows` (params mode): rank 0's weights for every rank, as the Jacobian path uses rank 0's d.
+        """
+        work = gram.to(torch.float64 if dtype == torch.float64 else torch.float32)
+        pref = self.aggregator.pref_vector if self.spec.preference else None
+        if pref is not None and (pref.device, pref.dtype) != (work.device, work.dtype):
+            self.aggregator.pref_vector = self.k.to(work)
+        with torch.autocast(work.device.type, enabled=False):
+            weights = self.gramian_weighting(work).to(work)
+        if global_rows:
+            from_rank0_(weights)
+        if not torch.isfinite(weights).all():
+            raise FloatingPointError(f"balancer {self.name} produced non-finite task weights from the task-gradient "
+                                     f"Gramian with diagonal {gram.diagonal().tolist()}")
+        self.weights.copy_(weights)
+        return weights
 
     def _directions(self, losses: dict[str, Tensor], ctx: BalanceContext) -> list[tuple[Tensor, Tensor]]:
         """(parameter, gradient) pairs: d on the shared parameters, Σ_t ∇L_t on the others."""

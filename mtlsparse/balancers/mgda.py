@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from mtlsparse.balancers.base import BalanceContext, Balancer, require_shared_parameters
 from mtlsparse.balancers.min_norm import min_norm_weights_of_gram
-from mtlsparse.gradients import batch_gramian, check_mode, gramian, rank_mean_, require_representation
+from mtlsparse.gradients import GramianPath, check_mode, gramian, rank_mean_, require_representation
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 NAME = "mgda (MGDA-UB)"  # how the representation-mode errors name this balancer
@@ -45,12 +45,13 @@ class MGDA(Balancer):
     """
 
     def __init__(self, tasks: Sequence[str], k0: float = 0.0, k: Sequence[float] | None = None,
-                 normalization: str = "loss+", mode: str = "params") -> None:
+                 normalization: str = "loss+", mode: str = "params", path: str = "jacobian") -> None:
         super().__init__(tasks, k0, k)
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         self.normalization, self.mode = normalization, check_mode(mode)
         self.needs_representation = mode == "representation"
+        object.__setattr__(self, "grad_path", GramianPath(path, "balancer=mgda"))
         self.register_buffer("alpha", torch.full((len(self.tasks),), 1.0 / len(self.tasks)), persistent=False)
 
     def setup(self, model: nn.Module) -> None:
@@ -58,11 +59,12 @@ class MGDA(Balancer):
         require_shared_parameters("balancer=mgda", model)
         if self.needs_representation:
             require_representation(NAME, model)
+        self.grad_path.setup(model, self.needs_representation)
 
     def _gram(self, losses: dict[str, Tensor], ctx: BalanceContext) -> Tensor:
-        """Gramian of the per-task gradients over the (global) batch (`gradients.batch_gramian`)."""
-        return batch_gramian([losses[task] for task in self.tasks], ctx.shared_params, ctx.representation,
-                             self.needs_representation, "mgda")
+        """Gramian of the per-task gradients over the (global) batch (`gradients.batch_gramian`, by `path`)."""
+        return self.grad_path.batch_gramian([losses[task] for task in self.tasks], ctx.shared_params,
+                                            ctx.representation, self.needs_representation, "mgda")
 
     def _normalizers(self, gram: Tensor, losses: Tensor) -> Tensor:
         """Per-task gradient scale: 1, ‖g_t‖, L_t or L_t·‖g_t‖."""

@@ -46,8 +46,9 @@ class GroupLasso(ProxMethod):
 
     def __init__(self, lam: float = 0.0, prox: str = "adam", finetune_fraction: float = 0.0,
                  finetune_epochs: int | None = None, scope: ScopeLike = None,
-                 couple_norms: bool = False, dead_tol: float = 0.0) -> None:
-        super().__init__(lam, finetune_fraction, finetune_epochs, scope)
+                 couple_norms: bool = False, dead_tol: float = 0.0, warmup_fraction: float = 0.0,
+                 warmup_epochs: int | None = None) -> None:
+        super().__init__(lam, finetune_fraction, finetune_epochs, scope, warmup_fraction, warmup_epochs)
         self.dead_tol = check_tolerance(dead_tol)
         if prox not in PROX_VARIANTS:
             raise ValueError(f"method.prox must be one of {PROX_VARIANTS}, got '{prox}'")
@@ -68,7 +69,7 @@ class GroupLasso(ProxMethod):
     def prox_(self, optimizer: torch.optim.Optimizer) -> None:
         state = param_state(optimizer)
         for groups in self.channel_groups():
-            tau = state[id(groups.weight)][0]["lr"] * self.lam * math.sqrt(groups.size)
+            tau = state[id(groups.weight)][0]["lr"] * self.strength * math.sqrt(groups.size)
             target = groups.stacked()
             self._prox_tensor_(target, tau, state, groups.tensors)
             groups.write_back_(target)

@@ -10,7 +10,7 @@ from mtlsparse.sparsity.prox_method import ProxMethod
 
 
 class L1(ProxMethod):
-    """Objective Σ k_t L_t + λ‖W‖₁ on the prunable layers; prox threshold lr·λ after every step."""
+    """Objective Σ k_t L_t + λ‖W‖₁ on the prunable layers; prox threshold lr·λ after every step (λ: warm-up ramp)."""
 
     def penalty(self) -> Tensor | None:
         return self.lam * sum(layer.weight.abs().sum() for layer in self.layers)
@@ -19,4 +19,4 @@ class L1(ProxMethod):
         state = param_state(optimizer)
         for layer in self.layers:
             group, _ = state[id(layer.weight)]
-            soft_threshold_(layer.weight, group["lr"] * self.lam)
+            soft_threshold_(layer.weight, group["lr"] * self.strength)
