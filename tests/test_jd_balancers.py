@@ -605,9 +605,13 @@ def test_group_lasso_with_upgrad_keeps_zero_groups_zero_below_the_prox_threshold
 def test_bench_times_balancers_relative_to_linear(tmp_path):
     from mtlsparse.benchmarks.balancers import main
 
-    main(["--steps", "2", "--repeats", "1", "--balancers", "pcgrad,famo", "--overrides", "dataset=synthetic",
-          "dataset.batch_size=32", "--out", str(tmp_path / "bench"), "--data-root", str(tmp_path / "data")])
-    results = yaml.safe_load((tmp_path / "bench" / "balancers.json").read_text())
-    assert set(results["balancers"]) == {"linear", "pcgrad", "famo"} and results["batch_size"] == 32
-    assert all(v > 0 for v in results["balancers"].values())
-    assert "| linear |" in (tmp_path / "bench" / "balancers.md").read_text()
+    main(["--steps", "2", "--warmup", "1", "--repeats", "1", "--balancers", "pcgrad,famo", "--settings", "2",
+          "--overrides", "dataset=synthetic", "dataset.batch_size=32", "--out", str(tmp_path / "bench"),
+          "--data-root", str(tmp_path / "data")])
+    results = yaml.safe_load((tmp_path / "bench" / "balancers.json").read_text())["settings"]["2"]
+    rows = {row["name"]: row for row in results["rows"]}
+    assert set(rows) == {"linear", "pcgrad (jacobian)", "pcgrad (gramian)", "famo"} and results["batch_size"] == 32
+    assert all(row["ms_per_step"] > 0 for row in rows.values()) and rows["linear"]["vs_linear"] == 1.0
+    assert rows["pcgrad (gramian)"]["speedup"] > 0  # Jacobian-path time over Gramian-path time
+    table = (tmp_path / "bench" / "balancers.md").read_text()
+    assert "| linear |" in table and "load average" in table and "torch threads" in table

@@ -6,18 +6,29 @@ i.e. ratio ≥ 0.91), and the share of step time spent producing batches.
 Writes `bench/results.json` and `bench/results.md`.
 
 `--balancers pcgrad,upgrad,...` (or `all`) times loss balancers instead: training step time
-of each (dense method) relative to `linear`, written to `bench/balancers.{json,md}`.
-`--overrides` adds Hydra overrides to every run (e.g. `dataset=synthetic` for a quick smoke).
+of each (dense method) relative to `linear`, for 2 tasks (Multi-Fashion, `model=hps`) and for
+20 tasks (CIFAR-100-20's shapes on random images, `model=vgg16_mt model.width=0.25`), every
+gradient balancer on both paths where it has both (`balancer.path=jacobian|gramian`). Each
+run times its steps after a warm-up (median per run); the configurations take turns within
+each repeat and every ratio is taken against the same repeat's `linear`, and the tables give
+the median with its min–max over repeats. The machine's load average and the threads are in
+the header. Written to `bench/balancers.{json,md}`. `--device cuda` and `--precision`
+(Lightning's, e.g. `16-mixed`) time on a GPU. `--overrides` adds Hydra overrides to every run
+(e.g. `dataset=synthetic` for a quick smoke).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import pickle
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from mtlsparse.config import CONF_DIR, build, compose_config
+from mtlsparse.config import CONF_DIR, ConfigError, build, compose_config
+from mtlsparse.errors import NonFiniteLossError
 from mtlsparse.io import atomic_write_text, write_json
 from mtlsparse.train import run
 
@@ -65,40 +76,224 @@ def measure(methods: list[str], steps: int, repeats: int, data_root: str) -> dic
     return best
 
 
-def measure_balancers(balancers: list[str], steps: int, repeats: int, overrides: list[str]) -> dict[str, float]:
-    """Best-of-`repeats` samples/s per balancer, balancers taking turns within each repeat (as `measure`)."""
-    best: dict[str, float] = {}
-    for _ in range(repeats):
-        for balancer in balancers:
-            with tempfile.TemporaryDirectory() as run_dir:
-                metrics = run(compose_config(overrides + [f"balancer={balancer}"]), run_dir)
-            best[balancer] = max(best.get(balancer, 0.0), metrics["time/train_samples_per_s"])
-    return best
+#: the balancer benchmarks: (title, overrides, random CIFAR-100 images instead of the data root)
+SETTINGS = {
+    "2": ("2 tasks: Multi-Fashion, model=hps", ["dataset=multi_fashion", "model=hps"], False),
+    "20": ("20 tasks: CIFAR-100-20 shapes on random images, model=vgg16_mt model.width=0.25",
+           ["dataset=cifar100_20", "model=vgg16_mt", "model.width=0.25"], True),
+}
+#: runs stopped by a non-finite loss that are timed again (the datamodule's next batches)
+RETRIES = 5
+#: gradient balancers also timed in representation mode (gradients of z: a backward through the heads per task)
+REPRESENTATION = ("upgrad", "mgda")
 
 
-def balancer_markdown(results: dict) -> str:
-    """Table of step time per balancer relative to `linear`."""
-    base = results["balancers"]["linear"]
-    title = (f"Training step time by balancer, {results['steps']} steps of batch {results['batch_size']}, best of "
-             f"{results['repeats']} (CPU, {results['threads']} threads; overrides: {' '.join(results['overrides'])}).")
-    lines = [title, "", "| balancer | samples/s | ms / step | step time vs linear |", "|---|---|---|---|"]
-    for name, samples_per_s in results["balancers"].items():
-        lines.append(f"| {name} | {samples_per_s:.0f} | {1e3 * results['batch_size'] / samples_per_s:.1f} | "
-                     f"{base / samples_per_s:.2f}× |")
+def write_random_cifar100(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
+    """Random uint8 images and labels in torchvision's `cifar-100-python` layout (the CIFAR-100-20 shapes)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    superclass = rng.permutation(100) // 5
+    directory = root / "cifar-100-python"
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        fine = rng.integers(0, 100, n)
+        with open(directory / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "fine_labels": fine.tolist(),
+                         "coarse_labels": superclass[fine].tolist()}, f)
+    with open(directory / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"fine{i}" for i in range(100)],
+                     "coarse_label_names": [f"super{i}" for i in range(20)]}, f)
+
+
+def balancer_variants(names: list[str], tasks: list[str]) -> list[dict]:
+    """(balancer, mode, path) rows to time: gradient balancers on each path they have, the rest once."""
+    rows = []
+    for name in names:
+        cfg = compose_config([f"balancer={name}"])
+        if "path" not in cfg.balancer:
+            rows.append({"balancer": name, "mode": None, "path": None})
+            continue
+        try:
+            build(compose_config([f"balancer={name}", "balancer.path=gramian"]), "balancer", tasks=tasks)
+            paths = ["jacobian", "gramian"]
+        except ConfigError:  # a rule that needs the per-task Jacobian
+            paths = ["jacobian"]
+        modes = ["params", "representation"] if name in REPRESENTATION else ["params"]
+        rows += [{"balancer": name, "mode": mode, "path": path} for mode in modes for path in paths]
+    return rows
+
+
+def row_overrides(row: dict) -> list[str]:
+    extra = [f"balancer={row['balancer']}"]
+    if row["path"] is not None:
+        extra += [f"balancer.mode={row['mode']}", f"balancer.path={row['path']}"]
+    return extra
+
+
+def row_name(row: dict) -> str:
+    if row["path"] is None:
+        return row["balancer"]
+    mode = "" if row["mode"] == "params" else f", {row['mode']}"
+    return f"{row['balancer']} ({row['path']}{mode})"
+
+
+def time_steps(cfg, datamodule, steps: int, warmup: int, device: str, precision: str) -> list[float]:
+    """Seconds of each training step after `warmup` steps (forward, balancer, backward, optimizer step, hooks)."""
+    import lightning as L
+    import torch
+
+    from mtlsparse.train import build_module
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    class StepTimer(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.start = 0.0
+
+        def on_train_batch_start(self, *args) -> None:
+            sync()
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, *args) -> None:
+            sync()
+            self.times.append(time.perf_counter() - self.start)
+
+    L.seed_everything(cfg.seed, verbose=False)
+    module = build_module(cfg, datamodule)
+    timer = StepTimer()
+    trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
+                        max_steps=warmup + steps, max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[timer])
+    trainer.fit(module, datamodule=datamodule)
+    return timer.times[warmup:]
+
+
+def measure_setting(rows: list[dict], base: list[str], args: argparse.Namespace, datamodule) -> list[dict]:
+    """Median step time of each row per repeat (rows take turns, the order reversed every other repeat)."""
+    per_repeat: dict[str, list[float]] = {row_name(row): [] for row in rows}
+    retries: dict[str, int] = {}
+    for repeat in range(args.repeats):
+        order = rows if repeat % 2 == 0 else rows[::-1]
+        for row in order:
+            cfg = compose_config(base + row_overrides(row) + args.overrides)
+            for attempt in range(RETRIES + 1):
+                try:
+                    times = time_steps(cfg, datamodule, args.steps, args.warmup, args.device, args.precision)
+                    break
+                except NonFiniteLossError as err:  # e.g. a batch without any image of a superclass: L_t = 0
+                    if attempt == RETRIES:
+                        raise
+                    retries[row_name(row)] = retries.get(row_name(row), 0) + 1
+                    print(f"  {row_name(row)}: {str(err)[:160]}...; timing it again on the next batches", flush=True)
+            per_repeat[row_name(row)].append(statistics.median(times))
+            print(f"  repeat {repeat + 1}/{args.repeats} {row_name(row)}: {1e3 * per_repeat[row_name(row)][-1]:.1f} "
+                  "ms/step", flush=True)
+    linear = per_repeat["linear"]
+    results = []
+    for row in rows:
+        name = row_name(row)
+        seconds = per_repeat[name]
+        ratios = [t / base_t for t, base_t in zip(seconds, linear)]
+        entry = {**row, "name": name, "ms_per_step": 1e3 * statistics.median(seconds),
+                 "ms_min": 1e3 * min(seconds), "ms_max": 1e3 * max(seconds), "vs_linear": statistics.median(ratios),
+                 "vs_linear_min": min(ratios), "vs_linear_max": max(ratios), "repeats_ms": [1e3 * t for t in seconds],
+                 "non_finite_retries": retries.get(name, 0)}
+        if row["path"] == "gramian":
+            jacobian = per_repeat[row_name({**row, "path": "jacobian"})]
+            speedups = [j / g for j, g in zip(jacobian, seconds)]
+            entry.update(speedup=statistics.median(speedups), speedup_min=min(speedups), speedup_max=max(speedups))
+        results.append(entry)
+    return results
+
+
+def setting_markdown(setting: dict) -> str:
+    """One table: step time per balancer (and path) relative to `linear`, median and min–max over repeats."""
+    lines = [f"### {setting['title']}", "",
+             f"Batch {setting['batch_size']}, {setting['steps']} timed steps after {setting['warmup']} warm-up steps "
+             f"per run, {setting['repeats']} repeats (median per run; the table gives the median over repeats and "
+             "its min–max).", "",
+             "| balancer (path) | ms / step | min–max | step time vs linear | min–max | Jacobian / Gramian |",
+             "|---|---|---|---|---|---|"]
+    for r in setting["rows"]:
+        speedup = (f"{r['speedup']:.2f}× ({r['speedup_min']:.2f}–{r['speedup_max']:.2f})" if "speedup" in r
+                   else "")
+        lines.append(f"| {r['name']} | {r['ms_per_step']:.1f} | {r['ms_min']:.1f}–{r['ms_max']:.1f} | "
+                     f"{r['vs_linear']:.2f}× | {r['vs_linear_min']:.2f}–{r['vs_linear_max']:.2f} | {speedup} |")
+    retried = [f"{r['name']} ({r['non_finite_retries']})" for r in setting["rows"] if r.get("non_finite_retries")]
+    if retried:
+        lines += ["", "Runs stopped by a non-finite training loss and timed again on the next batches: "
+                  f"{', '.join(retried)}."]
     return "\n".join(lines) + "\n"
 
 
+def goals_markdown(results: dict) -> str:
+    """Issue #18's goals against the measurements: ≤ 1.3× linear at 2 tasks, ≥ 3× over the Jacobian path at 20."""
+    lines = []
+    two, twenty = results["settings"].get("2"), results["settings"].get("20")
+    if two:
+        best: dict[str, float] = {}
+        for r in two["rows"]:
+            if r["path"] is not None and r["mode"] == "params":
+                best[r["balancer"]] = min(best.get(r["balancer"], float("inf")), r["vs_linear"])
+        if best:
+            met = sorted(b for b, v in best.items() if v <= 1.3)
+            lines.append(f"- 2 tasks, gradient balancers at ≤ 1.3× linear (faster path, params mode): {len(met)} of "
+                         f"{len(best)} ({', '.join(met) or 'none'}); their step time is {min(best.values()):.2f}–"
+                         f"{max(best.values()):.2f}× linear.")
+    if twenty:
+        speedups = {r["balancer"]: r["speedup"] for r in twenty["rows"] if "speedup" in r and r["mode"] == "params"}
+        if speedups:
+            lines.append(f"- 20 tasks, Gramian path ≥ 3× faster than the Jacobian path (params mode): "
+                         f"{sum(v >= 3 for v in speedups.values())} of {len(speedups)}; Jacobian / Gramian step time "
+                         f"{min(speedups.values()):.2f}–{max(speedups.values()):.2f}×.")
+    return "\n".join(["Issue #18's goals:", "", *lines, ""]) if lines else ""
+
+
+def balancer_markdown(results: dict) -> str:
+    """Header (machine, threads, load) and one table per setting."""
+    load = ", ".join(f"{a:.2f}→{b:.2f}" for a, b in zip(results["load_start"], results["load_end"]))
+    header = (f"Training step time by balancer ({results['device']}, precision {results['precision']}, "
+              f"{results['threads']} torch threads, OMP_NUM_THREADS={results['omp_num_threads']}, "
+              f"{results['cpus']} CPUs; load average 1/5/15 min at start→end: {load}; "
+              f"extra overrides: {' '.join(results['overrides']) or 'none'}).")
+    return "\n".join([header, "", *(setting_markdown(s) for s in results["settings"].values()),
+                      goals_markdown(results)])
+
+
 def main_balancers(args: argparse.Namespace) -> None:
-    """`--balancers`: time the balancers (dense method) relative to `linear`."""
+    """`--balancers`: time the balancers (dense method) relative to `linear`, per setting."""
     import torch
 
+    torch.set_num_threads(args.threads)
     names = (sorted(p.stem for p in Path(CONF_DIR, "balancer").glob("*.yaml")) if args.balancers == "all"
              else args.balancers.split(","))
-    balancers = ["linear"] + [b for b in names if b != "linear"]
-    overrides = bench_overrides(args.steps, args.data_root) + args.overrides
-    results = {"steps": args.steps, "repeats": args.repeats, "threads": torch.get_num_threads(),
-               "overrides": args.overrides, "batch_size": compose_config(overrides).dataset.batch_size,
-               "balancers": measure_balancers(balancers, args.steps, args.repeats, overrides)}
+    names = ["linear"] + [b for b in names if b != "linear"]
+    results = {"device": args.device, "precision": args.precision, "threads": torch.get_num_threads(),
+               "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"), "cpus": os.cpu_count(),
+               "overrides": args.overrides, "load_start": list(os.getloadavg()), "settings": {}}
+    with tempfile.TemporaryDirectory() as scratch:
+        for key in args.settings.split(","):
+            title, overrides, random_cifar = SETTINGS[key]
+            root = args.data_root
+            if random_cifar:
+                root = str(Path(scratch) / "cifar")
+                write_random_cifar100(Path(root), n_train=128 * (args.steps + args.warmup + 4) * 10 // 9 + 128,
+                                      n_test=256)
+            base = [*bench_overrides(args.steps, root), *overrides]
+            cfg = compose_config(base + args.overrides)
+            datamodule = build(cfg, "dataset")
+            datamodule.prepare_data()
+            datamodule.setup("fit")
+            rows = balancer_variants(names, list(datamodule.tasks))
+            print(f"{title}: {len(rows)} configurations", flush=True)
+            results["settings"][key] = {"title": title, "batch_size": cfg.dataset.batch_size,
+                                        "num_tasks": len(datamodule.tasks), "steps": args.steps,
+                                        "warmup": args.warmup, "repeats": args.repeats,
+                                        "rows": measure_setting(rows, base, args, datamodule)}
+    results["load_end"] = list(os.getloadavg())
     out = Path(args.out)
     write_json(out / "balancers.json", results)
     table = balancer_markdown(results)
@@ -122,19 +317,28 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (300 methods, 20 balancers)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", default="dense,l1,group_lasso,group_lasso_plain")
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--out", default="bench")
     parser.add_argument("--balancers", default=None,
                         help="comma-separated balancers (or 'all') to time against linear, instead of the methods")
+    parser.add_argument("--settings", default="2,20",
+                        help="balancer benchmarks to run: 2 (Multi-Fashion, hps), 20 (CIFAR-100-20 shapes, VGG-16/4)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each balancer run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the balancer benchmark")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="balancer benchmark device")
+    parser.add_argument("--precision", default="32-true",
+                        help="Lightning precision of the balancer benchmark (32-true, 16-mixed, bf16-mixed, ...)")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides for every run")
     args = parser.parse_args(argv)
     logging.getLogger("lightning").setLevel(logging.WARNING)
     if args.balancers:
+        args.steps = 20 if args.steps is None else args.steps
         main_balancers(args)
         return
+    args.steps = 300 if args.steps is None else args.steps
     import torch
 
     methods = ["dense"] + [m for m in args.methods.split(",") if m != "dense"]
