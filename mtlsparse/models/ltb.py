@@ -14,7 +14,8 @@ learned logits θ (branching probabilities softmax(θ), initially uniform).
   train together end to end; τ anneals geometrically from `tau_start` (first epoch) to
   `tau_end` (last search epoch).
 - Then every child keeps its most probable parent (argmax θ), the tree is fixed (buffers,
-  saved in checkpoints) and training continues on it with θ unused. Evaluation always
+  saved in checkpoints) and training continues on it with θ unused (unused parameters get an
+  exact zero gradient, so DDP's default strategy still sees every one). Evaluation always
   runs the argmax tree (the one that is or will be fixed), computing only the nodes that a
   task's path reaches, so a fixed model's unused nodes cost nothing and export sees the tree.
 
@@ -180,7 +181,7 @@ class BranchingModel(MultiTaskModel):
             return {name: self._head(name, weighted_sum(self._sample(self.head_logits[name]), outs))
                     for name in self.tasks}
         _, heads = self.parents()
-        return {name: self._head(name, outs[heads[name]]) for name in self.tasks}
+        return self._tie_unused({name: self._head(name, outs[heads[name]]) for name in self.tasks}, None)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         if self._searching():
@@ -194,7 +195,24 @@ class BranchingModel(MultiTaskModel):
         outs = {i: self.nodes[0][i](x) for i in sorted(needed[0])}
         for layer in range(1, len(self.nodes)):
             outs = {i: self.nodes[layer][i](outs[inner[layer - 1][i]]) for i in sorted(needed[layer])}
-        return {name: self._head(name, outs[heads[name]]) for name in self.tasks}
+        return self._tie_unused({name: self._head(name, outs[heads[name]]) for name in self.tasks}, needed)
+
+    def _tie_unused(self, out: dict[str, Tensor], needed: list[set[int]] | None) -> dict[str, Tensor]:
+        """While training the fixed tree, add 0 · Σ(unused parameters) to the outputs.
+
+        The logits and the nodes no task reaches (`needed`: the computed nodes per layer, None:
+        all) then get an exact zero gradient instead of none, as DDP's default strategy
+        requires of every parameter at every step; outputs and every other gradient are
+        unchanged. Evaluation does not do it, so export traces only the tree.
+        """
+        if not self.training:
+            return out
+        unused = [*self.branch_logits.values(), *self.head_logits.values()]
+        if needed is not None:
+            unused += [p for layer, used in zip(self.nodes, needed) for i, node in enumerate(layer) if i not in used
+                       for p in node.parameters()]
+        tie = torch.stack([p.sum() for p in unused]).sum() * 0.0
+        return {name: y + tie for name, y in out.items()}
 
     def _remember_input(self, x: Tensor) -> None:
         """Hook for heads that need the input size (dense outputs); nothing here."""
@@ -224,8 +242,8 @@ class BranchingModel(MultiTaskModel):
 
     # ------------------------------------------------------------ contract
     def shared_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.branch_logits.parameters()  # first: the last shared weight is a node's (GradNorm's W)
         yield from self.nodes.parameters()
-        yield from self.branch_logits.parameters()
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         yield self.head_logits[task]
