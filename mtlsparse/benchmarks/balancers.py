@@ -76,11 +76,12 @@ def measure(methods: list[str], steps: int, repeats: int, data_root: str) -> dic
     return best
 
 
-#: the balancer benchmarks: (title, overrides, random CIFAR-100 images instead of the data root)
+#: the balancer benchmarks: (title, overrides, random CIFAR-100 images instead of the data root,
+#: default (timed steps, warm-up steps, repeats), which --steps / --warmup / --repeats override)
 SETTINGS = {
-    "2": ("2 tasks: Multi-Fashion, model=hps", ["dataset=multi_fashion", "model=hps"], False),
+    "2": ("2 tasks: Multi-Fashion, model=hps", ["dataset=multi_fashion", "model=hps"], False, (30, 5, 5)),
     "20": ("20 tasks: CIFAR-100-20 shapes on random images, model=vgg16_mt model.width=0.25",
-           ["dataset=cifar100_20", "model=vgg16_mt", "model.width=0.25"], True),
+           ["dataset=cifar100_20", "model=vgg16_mt", "model.width=0.25"], True, (8, 2, 3)),
 }
 #: runs stopped by a non-finite loss that are timed again (the datamodule's next batches)
 RETRIES = 5
@@ -172,38 +173,48 @@ def time_steps(cfg, datamodule, steps: int, warmup: int, device: str, precision:
 
 
 def measure_setting(rows: list[dict], base: list[str], args: argparse.Namespace, datamodule) -> list[dict]:
-    """Median step time of each row per repeat (rows take turns, the order reversed every other repeat)."""
-    per_repeat: dict[str, list[float]] = {row_name(row): [] for row in rows}
+    """Median step time of each row per repeat (rows take turns, the order reversed every other repeat).
+
+    `args.steps`, `args.warmup`, `args.repeats` are this setting's.
+    """
+    per_repeat: dict[str, list[float | None]] = {row_name(row): [] for row in rows}
     retries: dict[str, int] = {}
+    failures: dict[str, str] = {}
     for repeat in range(args.repeats):
         order = rows if repeat % 2 == 0 else rows[::-1]
         for row in order:
             cfg = compose_config(base + row_overrides(row) + args.overrides)
+            name, median = row_name(row), None
             for attempt in range(RETRIES + 1):
                 try:
-                    times = time_steps(cfg, datamodule, args.steps, args.warmup, args.device, args.precision)
+                    median = statistics.median(time_steps(cfg, datamodule, args.steps, args.warmup, args.device,
+                                                          args.precision))
                     break
                 except NonFiniteLossError as err:  # e.g. a batch without any image of a superclass: L_t = 0
-                    if attempt == RETRIES:
-                        raise
-                    retries[row_name(row)] = retries.get(row_name(row), 0) + 1
-                    print(f"  {row_name(row)}: {str(err)[:160]}...; timing it again on the next batches", flush=True)
-            per_repeat[row_name(row)].append(statistics.median(times))
-            print(f"  repeat {repeat + 1}/{args.repeats} {row_name(row)}: {1e3 * per_repeat[row_name(row)][-1]:.1f} "
-                  "ms/step", flush=True)
+                    retries[name] = retries.get(name, 0) + 1
+                    failures[name] = str(err).split(":")[0]
+                    print(f"  {name}: {str(err)[:160]}...; timing it again on the next batches", flush=True)
+            per_repeat[name].append(median)
+            shown = "failed" if median is None else f"{1e3 * median:.1f} ms/step"
+            print(f"  repeat {repeat + 1}/{args.repeats} {name}: {shown}", flush=True)
     linear = per_repeat["linear"]
     results = []
     for row in rows:
         name = row_name(row)
-        seconds = per_repeat[name]
-        ratios = [t / base_t for t, base_t in zip(seconds, linear)]
+        pairs = [(t, base_t) for t, base_t in zip(per_repeat[name], linear) if t is not None and base_t is not None]
+        if not pairs:
+            results.append({**row, "name": name, "failed": failures.get(name, "no run"),
+                            "non_finite_retries": retries.get(name, 0)})
+            continue
+        seconds = [t for t, _ in pairs]
+        ratios = [t / base_t for t, base_t in pairs]
         entry = {**row, "name": name, "ms_per_step": 1e3 * statistics.median(seconds),
                  "ms_min": 1e3 * min(seconds), "ms_max": 1e3 * max(seconds), "vs_linear": statistics.median(ratios),
                  "vs_linear_min": min(ratios), "vs_linear_max": max(ratios), "repeats_ms": [1e3 * t for t in seconds],
                  "non_finite_retries": retries.get(name, 0)}
-        if row["path"] == "gramian":
-            jacobian = per_repeat[row_name({**row, "path": "jacobian"})]
-            speedups = [j / g for j, g in zip(jacobian, seconds)]
+        jacobian = per_repeat.get(row_name({**row, "path": "jacobian"}), []) if row["path"] == "gramian" else []
+        speedups = [j / g for j, g in zip(jacobian, per_repeat[name]) if j is not None and g is not None]
+        if speedups:
             entry.update(speedup=statistics.median(speedups), speedup_min=min(speedups), speedup_max=max(speedups))
         results.append(entry)
     return results
@@ -218,6 +229,9 @@ def setting_markdown(setting: dict) -> str:
              "| balancer (path) | ms / step | min–max | step time vs linear | min–max | Jacobian / Gramian |",
              "|---|---|---|---|---|---|"]
     for r in setting["rows"]:
+        if "failed" in r:
+            lines.append(f"| {r['name']} | failed every time: {r['failed']} | | | | |")
+            continue
         speedup = (f"{r['speedup']:.2f}× ({r['speedup_min']:.2f}–{r['speedup_max']:.2f})" if "speedup" in r
                    else "")
         lines.append(f"| {r['name']} | {r['ms_per_step']:.1f} | {r['ms_min']:.1f}–{r['ms_max']:.1f} | "
@@ -236,7 +250,7 @@ def goals_markdown(results: dict) -> str:
     if two:
         best: dict[str, float] = {}
         for r in two["rows"]:
-            if r["path"] is not None and r["mode"] == "params":
+            if r["path"] is not None and r["mode"] == "params" and "failed" not in r:
                 best[r["balancer"]] = min(best.get(r["balancer"], float("inf")), r["vs_linear"])
         if best:
             met = sorted(b for b, v in best.items() if v <= 1.3)
@@ -276,13 +290,16 @@ def main_balancers(args: argparse.Namespace) -> None:
                "overrides": args.overrides, "load_start": list(os.getloadavg()), "settings": {}}
     with tempfile.TemporaryDirectory() as scratch:
         for key in args.settings.split(","):
-            title, overrides, random_cifar = SETTINGS[key]
+            title, overrides, random_cifar, (steps, warmup, repeats) = SETTINGS[key]
+            setting_args = argparse.Namespace(**{**vars(args), "steps": args.steps or steps,
+                                                 "warmup": warmup if args.warmup is None else args.warmup,
+                                                 "repeats": args.repeats or repeats})
             root = args.data_root
             if random_cifar:
                 root = str(Path(scratch) / "cifar")
-                write_random_cifar100(Path(root), n_train=128 * (args.steps + args.warmup + 4) * 10 // 9 + 128,
-                                      n_test=256)
-            base = [*bench_overrides(args.steps, root), *overrides]
+                write_random_cifar100(Path(root), n_test=256, n_train=128 * (
+                    setting_args.steps + setting_args.warmup + 4) * 10 // 9 + 128)
+            base = [*bench_overrides(setting_args.steps, root), *overrides]
             cfg = compose_config(base + args.overrides)
             datamodule = build(cfg, "dataset")
             datamodule.prepare_data()
@@ -290,9 +307,9 @@ def main_balancers(args: argparse.Namespace) -> None:
             rows = balancer_variants(names, list(datamodule.tasks))
             print(f"{title}: {len(rows)} configurations", flush=True)
             results["settings"][key] = {"title": title, "batch_size": cfg.dataset.batch_size,
-                                        "num_tasks": len(datamodule.tasks), "steps": args.steps,
-                                        "warmup": args.warmup, "repeats": args.repeats,
-                                        "rows": measure_setting(rows, base, args, datamodule)}
+                                        "num_tasks": len(datamodule.tasks), "steps": setting_args.steps,
+                                        "warmup": setting_args.warmup, "repeats": setting_args.repeats,
+                                        "rows": measure_setting(rows, base, setting_args, datamodule)}
     results["load_end"] = list(os.getloadavg())
     out = Path(args.out)
     write_json(out / "balancers.json", results)
@@ -317,8 +334,9 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (300 methods, 20 balancers)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per run (methods: 300; balancers: 30 at 2 tasks, 8 at 20 tasks)")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats (methods: 3; balancers: 5 / 3)")
     parser.add_argument("--methods", default="dense,l1,group_lasso,group_lasso_plain")
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--out", default="bench")
@@ -326,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated balancers (or 'all') to time against linear, instead of the methods")
     parser.add_argument("--settings", default="2,20",
                         help="balancer benchmarks to run: 2 (Multi-Fashion, hps), 20 (CIFAR-100-20 shapes, VGG-16/4)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each balancer run")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps at the start of each balancer run (5 at 2 tasks, 2 at 20 tasks)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the balancer benchmark")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="balancer benchmark device")
     parser.add_argument("--precision", default="32-true",
@@ -335,10 +354,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.getLogger("lightning").setLevel(logging.WARNING)
     if args.balancers:
-        args.steps = 20 if args.steps is None else args.steps
         main_balancers(args)
         return
     args.steps = 300 if args.steps is None else args.steps
+    args.repeats = 3 if args.repeats is None else args.repeats
     import torch
 
     methods = ["dense"] + [m for m in args.methods.split(",") if m != "dense"]
