@@ -189,7 +189,7 @@ class MultiTaskModule(L.LightningModule):
         return TrainingState(model=self.model, epoch=self.current_epoch, step=self.global_step,
                              max_epochs=self.trainer.max_epochs, steps_source=self._run_steps,
                              input_shape=None if shape is None else tuple(shape), device=self.device,
-                             batch_source=self._train_batches, log=self.log_dict, announce=self._announce)
+                             batch_source=self._train_batches, log=self._log_epoch, announce=self._announce)
 
     def _run_steps(self) -> float:
         if self._total_steps is None:
@@ -249,10 +249,20 @@ class MultiTaskModule(L.LightningModule):
         self.method.on_train_epoch_end(state)
         if self.method.dead_tol > 0:  # the dead-row rule: numerically dead groups/units become exact zeros
             snapped = self.method.snap_dead_()
-            self.log_dict({"sparsity/dead_groups_zeroed": float(snapped.groups),
-                           "sparsity/dead_units_zeroed": float(snapped.units)}, sync_dist=True)
+            self._log_epoch({"sparsity/dead_groups_zeroed": float(snapped.groups),
+                             "sparsity/dead_units_zeroed": float(snapped.units)})
         self.balancer.on_train_epoch_end(state)
-        self.log_dict({f"balancer/{k}": v for k, v in self.balancer.state_summary().items()}, sync_dist=True)
+        self._log_epoch({f"balancer/{k}": v for k, v in self.balancer.state_summary().items()})
+
+    def _log_epoch(self, values: Mapping[str, float]) -> None:
+        """Log epoch-level scalars (the epoch-end hooks' and the balancer's) once per epoch.
+
+        The epoch-end work runs inside the last batch's hook, where Lightning's default is a
+        step-level log that reaches metrics.csv only on a `log_every_n_steps` step; logging
+        them as epoch values writes them at every epoch end.
+        """
+        if values:
+            self.log_dict(dict(values), on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
 
     # ------------------------------------------------------------------ resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

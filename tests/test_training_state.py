@@ -137,3 +137,18 @@ def test_phase_two_restarts_the_optimizer_and_its_schedule(tiny_cfg, tmp_path, r
         assert probe.seen == [(0.01, False), (0.01, False), (0.005, True)]
     else:
         assert probe.seen == [(0.01, False), (0.005, True), (0.0025, True)]
+
+
+def test_epoch_end_logs_reach_metrics_csv_every_epoch_whatever_the_step_logging_interval(tiny_cfg, tmp_path):
+    import csv
+
+    cfg = tiny_cfg("method=growl", "trainer.max_epochs=3", "method.phase1_epochs=1", "method.lam=0.05",
+                   "trainer.log_every_n_steps=1000")
+    datamodule = build(cfg, "dataset")
+    module = build_module(cfg, datamodule)
+    trainer, _ = build_trainer(cfg, tmp_path)
+    trainer.fit(module, datamodule=datamodule)
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    phases = [float(r["growl/phase"]) for r in rows if r.get("growl/phase")]
+    mus = [r["balancer/mu"] for r in rows if r.get("balancer/mu")]
+    assert phases == [1.0, 2.0, 2.0] and len(mus) == 3
