@@ -116,10 +116,14 @@ def balancer_variants(names: list[str], tasks: list[str]) -> list[dict]:
             rows.append({"balancer": name, "mode": None, "path": None})
             continue
         try:
-            build(compose_config([f"balancer={name}", "balancer.path=gramian"]), "balancer", tasks=tasks)
+            built = build(compose_config([f"balancer={name}", "balancer.path=gramian"]), "balancer", tasks=tasks)
             paths = ["jacobian", "gramian"]
         except ConfigError:  # a rule that needs the per-task Jacobian
             paths = ["jacobian"]
+        else:
+            if getattr(getattr(built, "spec", None), "gradient_free", False):  # rlw: no per-task gradients at all
+                rows.append({"balancer": name, "mode": None, "path": None})
+                continue
         modes = ["params", "representation"] if name in REPRESENTATION else ["params"]
         rows += [{"balancer": name, "mode": mode, "path": path} for mode in modes for path in paths]
     return rows
