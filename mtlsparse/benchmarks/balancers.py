@@ -169,7 +169,8 @@ def time_steps(cfg, datamodule, steps: int, warmup: int, device: str, precision:
     module = build_module(cfg, datamodule)
     timer = StepTimer()
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
-                        max_steps=warmup + steps, max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0,
+                        max_steps=warmup + steps, max_epochs=cfg.trainer.max_epochs, limit_val_batches=0,
+                        num_sanity_val_steps=0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[timer])
     trainer.fit(module, datamodule=datamodule)
@@ -198,6 +199,10 @@ def measure_setting(rows: list[dict], base: list[str], args: argparse.Namespace,
                     retries[name] = retries.get(name, 0) + 1
                     failures[name] = str(err).split(":")[0]
                     print(f"  {name}: {str(err)[:160]}...; timing it again on the next batches", flush=True)
+                except Exception as err:  # one balancer's failure is its row's, not the benchmark's
+                    failures[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                    print(f"  {name}: {failures[name]}", flush=True)
+                    break
             per_repeat[name].append(median)
             shown = "failed" if median is None else f"{1e3 * median:.1f} ms/step"
             print(f"  repeat {repeat + 1}/{args.repeats} {name}: {shown}", flush=True)
