@@ -25,6 +25,7 @@ import pickle
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from mtlsparse.config import CONF_DIR, ConfigError, build, compose_config
@@ -286,6 +287,97 @@ def balancer_markdown(results: dict) -> str:
                       goals_markdown(results)])
 
 
+#: configurations of the memory probe (`--memory`): linear, and the two paths of upgrad and mgda
+MEMORY_ROWS = [{"balancer": "linear", "mode": None, "path": None}] + [
+    {"balancer": name, "mode": "params", "path": path} for name in ("upgrad", "mgda")
+    for path in ("jacobian", "gramian")]
+
+
+def _memory_probe(overrides: list[str], device: str, queue) -> None:
+    """In a fresh process: peak memory of training steps (forward, balancer, backward) above model and batch."""
+    try:
+        queue.put(_probe_steps(overrides, device))
+    except Exception as err:  # reported in the table rather than leaving the parent waiting
+        queue.put({"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"})
+
+
+def _probe_steps(overrides: list[str], device: str) -> dict:
+    import resource
+
+    import torch
+
+    from mtlsparse.gradients import trainable_shared
+    from mtlsparse.train import build_module
+
+    torch.set_num_threads(1)
+    cfg = compose_config(overrides)
+    datamodule = build(cfg, "dataset")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule).to(device).train()
+    x, y = next(iter(datamodule.train_dataloader()))
+    x, y = x.to(device), {t: v.to(device) for t, v in y.items()}
+    shared = trainable_shared(list(module.model.shared_parameters()), "probe")
+    extra = []
+    for _ in range(3):  # CUDA: the least of three steps (the first builds solvers); CPU: the process's peak RSS
+        module.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # self.log outside a Trainer
+            module.training_step((x, y), 0).backward()
+        peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        extra.append(peak - base)
+    params = sum(p.numel() for p in shared)
+    return {"step_extra_mib": min(extra) / 2**20, "shared_params": params,
+            "jacobian_mib": len(datamodule.tasks) * params * shared[0].element_size() / 2**20}
+
+
+def main_memory(args: argparse.Namespace) -> None:
+    """`--balancers ... --memory`: peak memory of a step per path (one fresh process per configuration)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results = {"device": args.device, "settings": {}}
+    how = "peak allocated CUDA memory" if args.device == "cuda" else "peak RSS of a fresh process over 3 steps"
+    lines = [f"Peak memory of a training step (forward, balancer, backward) above the model and its batch "
+             f"({args.device}; {how}), and the size J would have (m × shared parameters).", ""]
+    with tempfile.TemporaryDirectory() as scratch:
+        for key in args.settings.split(","):
+            title, overrides, random_cifar, _ = SETTINGS[key]
+            root = args.data_root
+            if random_cifar:
+                root = str(Path(scratch) / "cifar")
+                write_random_cifar100(Path(root), n_train=512, n_test=128)
+            base = [*bench_overrides(1, root), *overrides]
+            rows = []
+            for row in MEMORY_ROWS:
+                queue = context.Queue()
+                process = context.Process(target=_memory_probe,
+                                          args=(base + row_overrides(row) + args.overrides, args.device, queue))
+                process.start()
+                measured = queue.get()
+                process.join()
+                rows.append({**row, "name": row_name(row), **measured})
+                print(f"  {title}: {row_name(row)}: {measured}", flush=True)
+            results["settings"][key] = {"title": title, "rows": rows}
+            sized = [r for r in rows if "jacobian_mib" in r]
+            lines += [f"### {title}", "", f"J would be {sized[0]['jacobian_mib']:.1f} MiB "
+                      f"({sized[0]['shared_params']} shared parameters)." if sized else "", "",
+                      "| balancer (path) | step memory, MiB |", "|---|---|",
+                      *(f"| {r['name']} | {r['step_extra_mib']:.0f} |" if "error" not in r
+                        else f"| {r['name']} | failed: {r['error']} |" for r in rows), ""]
+    out = Path(args.out)
+    write_json(out / "balancers_memory.json", results)
+    atomic_write_text(out / "balancers_memory.md", "\n".join(lines))
+    print("\n".join(lines))
+
+
 def main_balancers(args: argparse.Namespace) -> None:
     """`--balancers`: time the balancers (dense method) relative to `linear`, per setting."""
     import torch
@@ -359,9 +451,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="balancer benchmark device")
     parser.add_argument("--precision", default="32-true",
                         help="Lightning precision of the balancer benchmark (32-true, 16-mixed, bf16-mixed, ...)")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead of timing: peak step memory of linear, upgrad and mgda on each path "
+                             "(bench/balancers_memory.{json,md})")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides for every run")
     args = parser.parse_args(argv)
     logging.getLogger("lightning").setLevel(logging.WARNING)
+    if args.memory:
+        main_memory(args)
+        return
     if args.balancers:
         main_balancers(args)
         return
