@@ -93,6 +93,16 @@ def test_gramian_path_gives_the_jacobian_paths_gradients(rule, mode, data_root):
     assert on_gramian and (module.balancer.grad_path.autogram is not None) == (mode == "params")
 
 
+@pytest.mark.parametrize("model", ["mtan", "mdmtn", "mmoe", "kdmtl"])
+def test_other_models_get_the_same_update_on_both_paths(model, data_root):
+    """Task-specific parameters inside the network (attention, monitors, gates), not only heads."""
+    base = ["balancer=upgrad", f"model={model}", *PENALTY]
+    if model == "kdmtl":
+        base.append("model.allow_untrained_teachers=true")
+    assert_same_gradients(step([*base, "balancer.path=jacobian"], data_root)[0],
+                          step([*base, "balancer.path=gramian"], data_root)[0])
+
+
 def test_jd_gramian_path_gives_the_heads_the_plain_sum_of_task_gradients(data_root):
     """Σ_t ∇L_t on the task-specific parameters (jd's contract), not Σ_t w_t ∇L_t of the weighted loss."""
     grads, _, weights, module = step(["balancer=upgrad", "balancer.path=gramian"], data_root)
