@@ -232,10 +232,11 @@ def measure_setting(rows: list[dict], base: list[str], args: argparse.Namespace,
 
 def setting_markdown(setting: dict) -> str:
     """One table: step time per balancer (and path) relative to `linear`, median and min–max over repeats."""
+    load = ", ".join(f"{a:.2f}→{b:.2f}" for a, b in zip(setting.get("load_start", []), setting.get("load_end", [])))
     lines = [f"### {setting['title']}", "",
              f"Batch {setting['batch_size']}, {setting['steps']} timed steps after {setting['warmup']} warm-up steps "
              f"per run, {setting['repeats']} repeats (median per run; the table gives the median over repeats and "
-             "its min–max).", "",
+             f"its min–max){f'; load average 1/5/15 min at start→end of this table: {load}' if load else ''}.", "",
              "| balancer (path) | ms / step | min–max | step time vs linear | min–max | Jacobian / Gramian |",
              "|---|---|---|---|---|---|"]
     for r in setting["rows"]:
@@ -407,10 +408,13 @@ def main_balancers(args: argparse.Namespace) -> None:
             datamodule.setup("fit")
             rows = balancer_variants(names, list(datamodule.tasks))
             print(f"{title}: {len(rows)} configurations", flush=True)
+            load_start = list(os.getloadavg())
+            measured = measure_setting(rows, base, setting_args, datamodule)
             results["settings"][key] = {"title": title, "batch_size": cfg.dataset.batch_size,
                                         "num_tasks": len(datamodule.tasks), "steps": setting_args.steps,
                                         "warmup": setting_args.warmup, "repeats": setting_args.repeats,
-                                        "rows": measure_setting(rows, base, setting_args, datamodule)}
+                                        "load_start": load_start, "load_end": list(os.getloadavg()),
+                                        "rows": measured}
     results["load_end"] = list(os.getloadavg())
     out = Path(args.out)
     write_json(out / "balancers.json", results)
