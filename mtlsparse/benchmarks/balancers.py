@@ -99,7 +99,7 @@ def write_random_cifar100(root: Path, n_train: int, n_test: int, seed: int = 0) 
     directory = root / "cifar-100-python"
     directory.mkdir(parents=True, exist_ok=True)
     for name, n in (("train", n_train), ("test", n_test)):
-        fine = rng.integers(0, 100, n)
+        fine = rng.permutation(np.arange(n) % 100)  # every fine label occurs (the loader derives the mapping)
         with open(directory / name, "wb") as f:
             pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "fine_labels": fine.tolist(),
                          "coarse_labels": superclass[fine].tolist()}, f)
@@ -236,7 +236,8 @@ def setting_markdown(setting: dict) -> str:
     lines = [f"### {setting['title']}", "",
              f"Batch {setting['batch_size']}, {setting['steps']} timed steps after {setting['warmup']} warm-up steps "
              f"per run, {setting['repeats']} repeats (median per run; the table gives the median over repeats and "
-             f"its min–max){f'; load average 1/5/15 min at start→end of this table: {load}' if load else ''}.", "",
+             f"its min–max){f'; load average 1/5/15 min at start→end of this table: {load}' if load else ''}"
+             f"{'; ' + setting['load_note'] if setting.get('load_note') else ''}.", "",
              "| balancer (path) | ms / step | min–max | step time vs linear | min–max | Jacobian / Gramian |",
              "|---|---|---|---|---|---|"]
     for r in setting["rows"]:
