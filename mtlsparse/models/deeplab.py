@@ -135,6 +135,23 @@ def aspp_head(in_channels: int, out_channels: int, atrous_rates: Sequence[int], 
     )
 
 
+def task_heads(tasks: dict[str, Task], in_channels: int, width: float, output_stride: int,
+               atrous_rates: Sequence[int] | None, head_channels: int | None, cls_hidden: int | None
+               ) -> dict[str, nn.Sequential]:
+    """One head per task on `in_channels` trunk features: ASPP for dense tasks, pooled MLP for image-level ones.
+
+    `head_channels` defaults to 256 scaled by `width`, `cls_hidden` to `head_channels`, the atrous
+    rates to those of `output_stride`.
+    """
+    head_channels = head_channels or scaled(256, width)
+    cls_hidden = cls_hidden or head_channels
+    if head_channels < 1 or cls_hidden < 1:
+        raise ValueError(f"model.head_channels and model.cls_hidden must be >= 1, got {head_channels}, {cls_hidden}")
+    rates = tuple(atrous_rates) if atrous_rates is not None else ATROUS_RATES[output_stride]
+    return {name: aspp_head(in_channels, t.out_dim, rates, head_channels) if t.dense
+            else image_head(in_channels, t.out_dim, head_channels, cls_hidden) for name, t in tasks.items()}
+
+
 def image_head(in_channels: int, out_channels: int, channels: int, hidden: int) -> nn.Sequential:
     """Image-level head (Upadhyay et al.: one conv and two FC layers): 3×3 conv-BN-ReLU → global pool → FC-ReLU-FC."""
     return nn.Sequential(
@@ -165,15 +182,7 @@ class DeepLabResNet(SharedTrunkModel):
         trunk = ResNetTrunk(depth, width, output_stride, in_channels=in_shape[0])
         if pretrained:
             trunk.load_torchvision(pretrained)
-        head_channels = head_channels or scaled(256, width)
-        cls_hidden = cls_hidden or head_channels
-        if head_channels < 1 or cls_hidden < 1:
-            raise ValueError(f"model.head_channels and model.cls_hidden must be >= 1, "
-                             f"got {head_channels}, {cls_hidden}")
-        rates = tuple(atrous_rates) if atrous_rates is not None else ATROUS_RATES[output_stride]
-        heads = {name: aspp_head(trunk.out_channels, t.out_dim, rates, head_channels) if t.dense
-                 else image_head(trunk.out_channels, t.out_dim, head_channels, cls_hidden)
-                 for name, t in tasks.items()}
+        heads = task_heads(tasks, trunk.out_channels, width, output_stride, atrous_rates, head_channels, cls_hidden)
         super().__init__(tasks, trunk, heads)
         if not isinstance(trunk_per_task, bool):
             raise ValueError(f"model.trunk_per_task must be true or false, got {trunk_per_task!r}")

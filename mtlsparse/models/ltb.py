@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from mtlsparse.errors import ConfigError
 from mtlsparse.models.base import MultiTaskModel
-from mtlsparse.models.deeplab import ATROUS_RATES, ResNetTrunk, aspp_head, image_head, scaled
+from mtlsparse.models.deeplab import ResNetTrunk, task_heads
 from mtlsparse.models.lenet import first_layer, lenet_trunk
 from mtlsparse.models.mtan import trunk_stages
 from mtlsparse.tasks import Task
@@ -301,15 +301,8 @@ class LTBResNet(BranchingModel):
                 column.load_torchvision(Path(pretrained))
         stages = [resnet_stages(column) for column in columns]
         layers = [[stages[i][layer] for i in range(n)] for layer, n in enumerate(widths)]
-        head_channels = head_channels or scaled(256, width)
-        cls_hidden = cls_hidden or head_channels
-        if head_channels < 1 or cls_hidden < 1:
-            raise ValueError(f"model.head_channels and model.cls_hidden must be >= 1, "
-                             f"got {head_channels}, {cls_hidden}")
-        rates = tuple(atrous_rates) if atrous_rates is not None else ATROUS_RATES[output_stride]
-        out_channels = columns[0].out_channels
-        heads = {name: aspp_head(out_channels, t.out_dim, rates, head_channels) if t.dense
-                 else image_head(out_channels, t.out_dim, head_channels, cls_hidden) for name, t in tasks.items()}
+        heads = task_heads(tasks, columns[0].out_channels, width, output_stride, atrous_rates, head_channels,
+                           cls_hidden)
         super().__init__(tasks, layers, heads, search_fraction, search_epoch, tau_start, tau_end, hard)
         self._input_size: tuple[int, int] | None = None
 
