@@ -47,8 +47,10 @@ class GroupLasso(ProxMethod):
     def __init__(self, lam: float = 0.0, prox: str = "adam", finetune_fraction: float = 0.0,
                  finetune_epochs: int | None = None, scope: ScopeLike = None,
                  couple_norms: bool = False, dead_tol: float = 0.0, warmup_fraction: float = 0.0,
-                 warmup_epochs: int | None = None) -> None:
-        super().__init__(lam, finetune_fraction, finetune_epochs, scope, warmup_fraction, warmup_epochs)
+                 warmup_epochs: int | None = None, freeze_at_sparsity: float | None = None,
+                 refit_optimizer: str = "continue") -> None:
+        super().__init__(lam, finetune_fraction, finetune_epochs, scope, warmup_fraction, warmup_epochs,
+                         freeze_at_sparsity, refit_optimizer)
         self.dead_tol = check_tolerance(dead_tol)
         if prox not in PROX_VARIANTS:
             raise ValueError(f"method.prox must be one of {PROX_VARIANTS}, got '{prox}'")
