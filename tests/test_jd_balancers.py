@@ -472,6 +472,10 @@ def test_balancer_sweep_crosses_the_balancers_with_dense_and_group_lasso():
     assert params["method"].split(",") == ["dense", "group_lasso"]
     balancers = params["balancer"].split(",")
     assert set(ALIASES) | {"gradnorm", "famo", "linear", "mgda"} <= set(balancers) <= set(ALL_BALANCERS)
+    # every balancer option is in it but the generic `jd` (its presets are) and the two with tables of
+    # their own (chebyshev: MDMTN preference sweeps; minmax: the pruning × min–max table)
+    options = {p.stem for p in (Path(CONF_DIR) / "balancer").glob("*.yaml")}
+    assert set(balancers) == options - {"jd", "chebyshev", "minmax"} and len(balancers) == len(set(balancers))
     assert compose_cfg(["+sweep=balancers"]).lam == 8e-4
 
 

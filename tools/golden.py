@@ -97,9 +97,13 @@ def compare(old: Path, new: Path) -> int:
     return 1 if differing else 0
 
 
+USAGE = "usage: python tools/golden.py record OUT_DIR | compare OLD_DIR NEW_DIR"
+
 if __name__ == "__main__":
-    command, *paths = sys.argv[1:]
-    if command == "record":
+    command, *paths = sys.argv[1:] or ["--help"]
+    if command == "record" and len(paths) == 1:
         record(Path(paths[0]))
-    else:
+    elif command == "compare" and len(paths) == 2:
         sys.exit(compare(Path(paths[0]), Path(paths[1])))
+    else:
+        print(USAGE) if command in ("-h", "--help") else sys.exit(f"{USAGE}\n(got: {' '.join(sys.argv[1:])})")
