@@ -125,7 +125,8 @@ def test_representation_capability_is_declared_and_decode_of_encode_is_forward(n
         torch.manual_seed(3)
         z = model.encode(x)
         decoded = model.decode(z)
-        assert all(torch.equal(decoded[t], out[t]) for t in TASKS)
+        for t in TASKS:  # the same function; float32 round-off only (LTB's eval path may sum one-hot weighted nodes)
+            torch.testing.assert_close(decoded[t], out[t], rtol=1e-5, atol=1e-6)
         assert z.shape[:2] == (4, 4 if name == "dselect_k" else 2)  # experts / last-layer nodes, stacked
 
 
