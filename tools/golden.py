@@ -105,5 +105,7 @@ if __name__ == "__main__":
         record(Path(paths[0]))
     elif command == "compare" and len(paths) == 2:
         sys.exit(compare(Path(paths[0]), Path(paths[1])))
+    elif command in ("-h", "--help"):
+        print(USAGE)
     else:
-        print(USAGE) if command in ("-h", "--help") else sys.exit(f"{USAGE}\n(got: {' '.join(sys.argv[1:])})")
+        sys.exit(f"{USAGE}\n(got: {' '.join(sys.argv[1:])})")

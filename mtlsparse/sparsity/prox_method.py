@@ -159,8 +159,9 @@ class ProxMethod(SparsityMethod):
             raise RuntimeError(f"{type(self).__name__}: call set_budget(trainer.max_epochs) before training")
         if self.refitting:
             return
-        scheduled = self.freeze_after is not None and state.epoch >= self.freeze_after
-        if self.freeze_at_sparsity is not None and not scheduled:
+        if self.freeze_after is None or state.epoch < self.freeze_after:  # not the scheduled freeze: the target?
+            if self.freeze_at_sparsity is None:
+                return
             # the dead-row rule first, so the target counts (and the mask keeps) the zeros metrics will report
             self._snapped_at_freeze = super().snap_dead_()
             sparsity = self.current_sparsity()
@@ -168,8 +169,6 @@ class ProxMethod(SparsityMethod):
                 return
             log.info("%s: %.1f%% zero after epoch %d (method.freeze_at_sparsity=%g): support frozen, refit from "
                      "epoch %d", type(self).__name__, sparsity, state.epoch, self.freeze_at_sparsity, state.epoch + 1)
-        elif not scheduled:
-            return
         for layer in self.layers:
             set_mask_(layer, layer.weight != 0)
         self.refitting.fill_(True)
