@@ -9,11 +9,14 @@ A command whose test and sparsity metrics come out bit-identical on both trees f
 code path on both, so the code changed since then cannot have moved that row; any difference
 means the row has to be re-measured. Environment changes (torch, torchvision, ...) are not what
 this checks: both runs share one environment. Writes OUT_DIR/drift.json and prints a table.
+Runs are kept under OUT_DIR/<commit>/<table>/<case> and reused by a later call for the same commit;
+the worktrees stay registered in this repository (`git worktree remove OUT_DIR/tree-<commit>`).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,9 +81,21 @@ def _worktree(commit: str, root: Path) -> Path:
     return tree
 
 
+def _head_label() -> str:
+    """This checkout's commit, `-dirty` with uncommitted changes: its runs are kept under this name."""
+    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    return f"{rev}-dirty" if dirty else rev
+
+
 def _run(tree: Path, overrides: list[str], run_dir: Path, data: Path) -> dict | str:
-    """One `python -m mtlsparse` on `tree`'s code; its compared metrics, or the error's last line."""
+    """One `python -m mtlsparse` on `tree`'s code; its compared metrics, or the error's last line.
+    A finished run of a committed tree is reused; a `-dirty` tree's code may have changed since, so it reruns."""
     metrics = run_dir / "metrics.json"
+    if run_dir.parent.name.endswith("-dirty"):
+        shutil.rmtree(run_dir, ignore_errors=True)
     if not metrics.exists():
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONPATH": str(tree), "MTLSPARSE_DATA": str(data), "OMP_NUM_THREADS": "1",
@@ -108,16 +123,18 @@ def _compare(old: dict | str, new: dict | str) -> str:
 
 def main(out: Path, tables: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
+    head = _head_label()
     report, moved = {}, 0
     for table in tables:
         table_commit, cases = TABLES[table]
         for case, spec in cases.items():
             commit, overrides = spec if isinstance(spec, tuple) else (table_commit, spec)
-            old = _run(_worktree(commit, out), overrides, out / commit / case, out / f"data-{commit}")
-            new = _run(REPO, overrides, out / "HEAD" / case, out / "data-HEAD")
+            old = _run(_worktree(commit, out), overrides, out / commit / table / case, out / f"data-{commit}")
+            new = _run(REPO, overrides, out / head / table / case, out / "data-HEAD")
             verdict = _compare(old, new)
             moved += not verdict.startswith("identical")
-            report[f"{table}/{case}"] = {"commit": commit, "overrides": overrides, "verdict": verdict}
+            report[f"{table}/{case}"] = {"commit": commit, "against": head, "overrides": overrides,
+                                         "verdict": verdict}
             print(f"| {table} | {commit} | {case} | {verdict} |", flush=True)
             (out / "drift.json").write_text(json.dumps(report, indent=1))
     return 1 if moved else 0
