@@ -32,11 +32,14 @@ lint: setup
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
+# pytest-xdist: one worker per core (each worker runs torch on one thread, tests/conftest.py); TEST_WORKERS=0 runs serially
+TEST_WORKERS ?= auto
+
 test: setup lint
-	$(PYTHON) -m pytest $(ARGS)
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) $(ARGS)
 
 test-slow: setup
-	$(PYTHON) -m pytest -m slow $(ARGS)
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) -m slow $(ARGS)
 
 bench: setup
 	$(PYTHON) -m mtlsparse.benchmarks.balancers $(ARGS)

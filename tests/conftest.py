@@ -1,15 +1,24 @@
 """Shared fixtures: compose the real Hydra config tree with overrides, run tiny trainings."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from mtlsparse.config import compose_config
 from mtlsparse.data.synthetic import Synthetic
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """Under pytest-xdist the workers already fill the cores: one torch thread each (and for their subprocesses)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 # a 2-step training on tiny procedural data: what every smoke test runs
 TINY = [

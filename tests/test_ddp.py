@@ -53,7 +53,9 @@ def _single_process_test_metrics(tmp_path, overrides):
     return trainer.test(module, datamodule=datamodule, verbose=False)[0]
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# group lasso in the fast suite; GrOWL (tying across ranks) and RigL (mask updates) under `make test-slow`
+@pytest.mark.parametrize("method", [m if m == "group_lasso" else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in METHODS])
 def test_ddp_two_cpu_ranks_stay_identical_and_reduce_metrics(tmp_path, method):
     proc = _ddp_run(tmp_path, METHODS[method])
     log = proc.stdout + proc.stderr

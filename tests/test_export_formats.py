@@ -316,6 +316,7 @@ def saved_task_names(run_dir: Path) -> list[str]:
     return list(dict.fromkeys(k.split(".")[1] for k in state if k.startswith("heads.")))
 
 
+@pytest.mark.slow  # the CLI export itself is in the fast suite (test_real_cli_exports_onnx_...)
 def test_deploy_benchmark_makes_a_run_the_cli_exports_and_tables_it(tmp_path):
     pytest.importorskip("mtlsparse.models.deeplab")
     from mtlsparse.benchmarks import export as bench

@@ -58,6 +58,7 @@ def csv_column(sweep_dir: Path, name: str) -> dict[str, str]:
         return {row["job"]: row[name] for row in csv.DictReader(f)}
 
 
+@pytest.mark.slow  # the multi-objective sweep below runs the same Optuna path in the fast suite
 def test_single_objective_sweep_marks_the_trial_with_the_best_val_select(tmp_path):
     proc, out = sweep(tmp_path, "+sweep=optuna_lambda", "trainer.max_epochs=2", "min_sparsity=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
