@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 # ECHOED_GROUPS and build_model are imported from here by tests and user code
+from mtlsparse.allocator import keep_freed_memory
 from mtlsparse.builders import ECHOED_GROUPS, build_model, build_module, build_trainer, group_choices  # noqa: F401
 from mtlsparse.config import apply_preference, build, validate_knobs, warn_unused_knobs
 from mtlsparse.errors import ConfigError, DataError, MissingDataError
@@ -106,6 +107,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     warn_unused_knobs(cfg, group_choices(cfg)["method"])
+    keep_freed_memory()  # no page faults for the activations every step re-allocates (allocator.py)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build(cfg, "dataset")
     module = build_module(cfg, datamodule)
