@@ -252,6 +252,17 @@ def test_gradient_normalisation_matches_the_authors_definitions(normalization, a
     assert set(bal.state_summary()) == {"w/a", "w/b"}
 
 
+@pytest.mark.parametrize("normalization", ["none", "l2", "loss", "loss+"])
+def test_a_solved_task_with_zero_loss_and_gradient_gives_finite_weights(normalization):
+    """A task at loss 0 with gradient 0 is its own min-norm point: all weight on it, no NaN."""
+    w = torch.nn.Parameter(torch.ones(2))
+    bal = MGDA(["a", "b"], normalization=normalization)
+    loss = bal({"a": 0 * w.sum(), "b": w[1]}, None, BalanceContext(shared_params=[w]))
+    assert torch.isfinite(bal.alpha).all() and float(bal.alpha[0]) == pytest.approx(1.0)
+    loss.backward()
+    assert torch.isfinite(w.grad).all()
+
+
 def test_k0_weights_the_sparsity_objective_outside_the_min_norm_problem():
     w, task_losses = scaled_problem()
     bal = MGDA(["a", "b"], k0=0.5, normalization="l2")

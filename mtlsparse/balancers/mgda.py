@@ -81,7 +81,10 @@ class MGDA(Balancer):
             gram = self._gram(losses, ctx).double()
             loss_values = rank_mean_(stacked.detach().double())
             scale = self._normalizers(gram, loss_values).clamp_min(torch.finfo(torch.float64).tiny)
-            alpha = gram_min_norm_weights(gram / torch.outer(scale, scale)).to(stacked)  # not via the fp32 buffer
+            # G_ts / (s_t·s_s), one factor at a time: the outer product of two tiny scales (a solved task,
+            # loss and gradient 0) underflows to 0 and 0/0 would be NaN; 0/tiny/tiny stays 0
+            normalized = gram / scale[:, None] / scale[None, :]
+            alpha = gram_min_norm_weights(normalized).to(stacked)  # not via the fp32 buffer
             self.alpha.copy_(alpha)
         return self.add_penalty((alpha * stacked).sum(), penalty)
 
