@@ -180,7 +180,9 @@ class MultiTaskModule(L.LightningModule):
         self.method.after_optimizer_step(getattr(optimizer, "optimizer", optimizer))
 
     def on_fit_start(self) -> None:
-        self.method.on_fit_start(self.training_state())
+        state = self.training_state()
+        self.method.on_fit_start(state)
+        self.balancer.on_fit_start(state)
 
     def training_state(self) -> TrainingState:
         """The declared view of this fit that the method's and balancer's hooks receive."""

@@ -173,6 +173,9 @@ def test_stch_bad_warmup_and_nadir_are_one_line_errors():
         bal.on_train_epoch_end(TrainingState(epoch=0, max_epochs=5))
     with pytest.raises(ConfigError, match=r"balancer.nadir needs one positive loss per task"):
         STCH(["a", "b"], nadir=[1.0])
+    with pytest.raises(ConfigError, match=r"warmup_fraction is a fraction of trainer.max_epochs"):
+        STCH(["a", "b"]).on_fit_start(TrainingState(epoch=0, max_epochs=-1))
+    STCH(["a", "b"], nadir=[1.0, 1.0]).on_fit_start(TrainingState(epoch=0, max_epochs=-1))  # no warm-up: no budget
     with pytest.raises(ConfigError, match=r"balancer.mu must be a number in \(0, inf\)"):
         STCH(["a", "b"], mu=0.0)
 
@@ -600,3 +603,16 @@ def test_ddp_two_cpu_ranks_stay_identical(tmp_path, name):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "RankDivergenceError" not in log, log[-4000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["config/balancer"] == name
+
+
+def test_stch_warmup_past_the_budget_fails_before_the_first_step(tiny_cfg, tmp_path, monkeypatch):
+    from mtlsparse.module import MultiTaskModule
+    from mtlsparse.train import run
+
+    def trained(*args, **kwargs):
+        raise AssertionError("a training step ran before the warm-up check")
+
+    monkeypatch.setattr(MultiTaskModule, "training_step", trained)
+    with pytest.raises(ConfigError, match=r"balancer.warmup_epoch=3 is past the last epoch of trainer.max_epochs=1"):
+        run(tiny_cfg("balancer=stch", "balancer.warmup_epoch=3"), tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.json").exists()

@@ -121,6 +121,9 @@ class Balancer(nn.Module):
         """Scalars worth logging each epoch (weights, multipliers)."""
         return {}
 
+    def on_fit_start(self, state: TrainingState) -> None:
+        """Before the first step: check options against the run's budget (the default has none)."""
+
     def on_train_epoch_end(self, state: TrainingState) -> None:
         """Epoch-level updates (AL multipliers, min-max ascent)."""
 

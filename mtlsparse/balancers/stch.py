@@ -100,6 +100,11 @@ class STCH(Balancer):
                               "set trainer.max_epochs or give balancer.warmup_epoch (or balancer.nadir) explicitly")
         return warmup_point(self.warmup_fraction, budget)
 
+    def on_fit_start(self, state: TrainingState) -> None:
+        """A warm-up that cannot end within trainer.max_epochs fails now, not at the end of an epoch."""
+        if self.warming_up:
+            self.warmup_last_epoch(state.max_epochs)
+
     def forward(self, losses: dict[str, Tensor], penalty: Tensor | None, ctx: BalanceContext) -> Tensor:
         stacked = self.stack(losses)
         log_losses = (stacked + LOG_EPS).log()
