@@ -37,7 +37,9 @@ COMPACT_FILE = "compact_model.pt"
 MODEL_PREFIX = "model."
 ATTEMPTS_DIR = "attempts"
 #: what a dead attempt leaves besides checkpoints/metrics: moved to attempts/N/ before a new start
-ATTEMPT_FILES = (CONFIG_DIR, JOB_FILE, ENVIRONMENT_FILE, "logs", "*.log", "mask_report.json", "layer_report.json")
+#: (with the trackers' default dirs: tensorboard/, wandb/, the local MLflow store mlflow/)
+ATTEMPT_FILES = (CONFIG_DIR, JOB_FILE, ENVIRONMENT_FILE, "logs", "*.log", "mask_report.json", "layer_report.json",
+                 "tensorboard", "wandb", "mlflow")
 
 
 @dataclass(frozen=True)

@@ -259,6 +259,23 @@ def test_a_dir_without_checkpoint_or_metrics_is_free_and_keeps_the_dead_attempt(
     assert (tmp_path / "attempts" / "1" / "job.json").read_bytes() == dead_job
 
 
+def test_a_dead_attempts_tracker_logs_move_with_it(tiny_cfg, tmp_path, monkeypatch):
+    def die(*args, **kwargs):
+        raise RuntimeError("killed before the first epoch ended")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MultiTaskModule, "training_step", die)
+        with pytest.raises(RuntimeError, match="killed"):
+            run(tiny_cfg("logger=[csv,tensorboard]"), tmp_path)
+    dead = sorted(p.relative_to(tmp_path) for p in (tmp_path / "tensorboard").rglob("*") if p.is_file())
+    assert dead, "the dead attempt wrote no TensorBoard files"
+    run(tiny_cfg("logger=[csv,tensorboard]"), tmp_path)
+    assert sorted(p.relative_to(tmp_path / "attempts" / "1") for p in
+                  (tmp_path / "attempts" / "1" / "tensorboard").rglob("*") if p.is_file()) == dead
+    assert not any((tmp_path / f).exists() for f in dead if f.name.startswith("events."))  # none of the dead ones
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))  # but its own
+
+
 def test_a_zero_epoch_budget_is_refused(tiny_cfg, tmp_path):
     for epochs in ("0", "-1"):
         with pytest.raises(ConfigError, match="trainer.max_epochs must be an integer >= 1"):
