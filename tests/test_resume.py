@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig
 
 from mtlsparse.config import ConfigError
 from mtlsparse.module import MultiTaskModule
@@ -244,14 +245,19 @@ def test_refused_rerun_leaves_the_finished_run_byte_identical_and_lists_the_keys
     assert _snapshot(run_dir) == before
 
 
-def test_a_dir_without_checkpoint_or_metrics_is_free_and_keeps_the_dead_attempt(tiny_cfg, tmp_path, monkeypatch):
+def _die_before_the_first_epoch_ends(monkeypatch, cfg: DictConfig, run_dir: Path) -> None:
+    """Run `cfg` in `run_dir` with a training step that raises: an attempt that leaves no checkpoint."""
     def die(*args, **kwargs):
         raise RuntimeError("killed before the first epoch ended")
 
     with monkeypatch.context() as patch:
         patch.setattr(MultiTaskModule, "training_step", die)
         with pytest.raises(RuntimeError, match="killed"):
-            run(tiny_cfg("method=group_lasso", "lam=1e-2"), tmp_path)
+            run(cfg, run_dir)
+
+
+def test_a_dir_without_checkpoint_or_metrics_is_free_and_keeps_the_dead_attempt(tiny_cfg, tmp_path, monkeypatch):
+    _die_before_the_first_epoch_ends(monkeypatch, tiny_cfg("method=group_lasso", "lam=1e-2"), tmp_path)
     assert (tmp_path / "job.json").is_file() and not list(tmp_path.glob("checkpoints/*.ckpt"))
     dead_job = (tmp_path / "job.json").read_bytes()
     metrics = run(tiny_cfg("method=group_lasso", "lam=2e-2"), tmp_path)  # another config: allowed
@@ -260,13 +266,7 @@ def test_a_dir_without_checkpoint_or_metrics_is_free_and_keeps_the_dead_attempt(
 
 
 def test_a_dead_attempts_tracker_logs_move_with_it(tiny_cfg, tmp_path, monkeypatch):
-    def die(*args, **kwargs):
-        raise RuntimeError("killed before the first epoch ended")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(MultiTaskModule, "training_step", die)
-        with pytest.raises(RuntimeError, match="killed"):
-            run(tiny_cfg("logger=[csv,tensorboard]"), tmp_path)
+    _die_before_the_first_epoch_ends(monkeypatch, tiny_cfg("logger=[csv,tensorboard]"), tmp_path)
     dead = sorted(p.relative_to(tmp_path) for p in (tmp_path / "tensorboard").rglob("*") if p.is_file())
     assert dead, "the dead attempt wrote no TensorBoard files"
     run(tiny_cfg("logger=[csv,tensorboard]"), tmp_path)
