@@ -18,7 +18,7 @@ TRIM_THRESHOLD = 512 << 20  # the heap gives memory back only when more than 512
 
 
 def keep_freed_memory() -> bool:
-    """Set glibc's mmap and trim thresholds (once per process); False where the C library is not glibc."""
+    """Set glibc's mmap and trim thresholds for the whole process (again is harmless); False without glibc."""
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -36,10 +36,11 @@ COMPACT_FILE = "compact_model.pt"
 #: prefix of the model's weights in a Lightning checkpoint of MultiTaskModule (its attribute `model`)
 MODEL_PREFIX = "model."
 ATTEMPTS_DIR = "attempts"
+MLFLOW_DIR = "mlflow"  # the local MLflow store (trackers.py), when no tracking_uri is given
 #: what a dead attempt leaves besides checkpoints/metrics: moved to attempts/N/ before a new start
-#: (with the trackers' default dirs: tensorboard/, wandb/, the local MLflow store mlflow/)
+#: (with the trackers' default dirs: tensorboard/ (conf/logger/tensorboard.yaml), wandb/, the MLflow store)
 ATTEMPT_FILES = (CONFIG_DIR, JOB_FILE, ENVIRONMENT_FILE, "logs", "*.log", "mask_report.json", "layer_report.json",
-                 "tensorboard", "wandb", "mlflow")
+                 "tensorboard", "wandb", MLFLOW_DIR)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtlsparse.conf_dir import CONF_DIR
 from mtlsparse.errors import ConfigError
+from mtlsparse.run_dir import MLFLOW_DIR
 
 log = logging.getLogger("mtlsparse")
 
@@ -109,7 +110,7 @@ def _logger_runtime(name: str, node: DictConfig | None, run_dir: Path, version: 
         return {"save_dir": str(run_dir)}
     if name == "mlflow" and (node is None or node.get("tracking_uri") is None):
         # MLflow >= 3.17 refuses its file store (maintenance mode); a SQLite file is its local store now
-        store = (run_dir / "mlflow").resolve()
+        store = (run_dir / MLFLOW_DIR).resolve()
         store.mkdir(parents=True, exist_ok=True)
         runtime = {"tracking_uri": f"sqlite:///{store / 'mlflow.db'}"}
         if node is None or node.get("artifact_location") is None:

@@ -43,4 +43,3 @@ def _glibc_with_mallinfo2() -> bool:
 def test_a_freed_block_stays_in_the_heap_only_with_the_limits():
     assert _free_in_heap_after_a_64mib_block("off") < 64 << 20  # glibc unmapped it: the next step faults it in
     assert _free_in_heap_after_a_64mib_block("on") >= 64 << 20  # kept for the next step
-
