@@ -157,10 +157,23 @@ def test_sweep_with_a_failing_job_keeps_the_others_and_a_rerun_only_retries_it(t
     assert report.returncode == 0, report.stderr[-2000:]
     assert "k has 3 entries" in (sweep / "report" / "summary.md").read_text()
 
+    record = (sweep / "multirun.yaml").read_bytes()
     second = sweep_once()
     assert second.returncode != 0  # the bad job fails again; nothing else ran
     assert {f: f.stat().st_mtime_ns for f in sorted(sweep.glob("*/metrics.json"))} == stamps
     assert (second.stdout + second.stderr).count("skipped") == 5
+    assert (sweep / "multirun.yaml").read_bytes() == record  # the same sweep: the same record, none kept aside
+    assert not list(sweep.glob("multirun.*.yaml"))
+
+    command.append("seed=1")  # another sweep into the same dir: each finished job refuses it...
+    third = sweep_once()
+    assert third.returncode != 0
+    assert {f: f.stat().st_mtime_ns for f in sorted(sweep.glob("*/metrics.json"))} == stamps
+    output = third.stdout + third.stderr
+    refused = {d.parent.name for d in done if f"{d.parent} holds a run of a different config" in output}
+    assert refused == {d.parent.name for d in done}
+    assert (sweep / "multirun.1.yaml").read_bytes() == record  # ...and the first sweep's record is kept
+    assert "seed=1" in (sweep / "multirun.yaml").read_text()
 
 
 @pytest.mark.slow
