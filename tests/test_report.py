@@ -85,6 +85,18 @@ def test_collect_finds_jobs_nested_one_level_deeper_in_natural_order(tmp_path):
     assert [r["job"] for r in collect(tmp_path)] == ["1/lam_sweep", "2/lam_sweep", "10/lam_sweep"]
 
 
+def test_collect_follows_symlinked_job_dirs_once_and_ends_link_cycles(sweep, tmp_path):
+    """A view dir of links to runs kept elsewhere reports those runs; a link back up does not loop."""
+    view = tmp_path / "view"
+    view.mkdir()
+    (view / "small_lam").symlink_to(sweep / "1", target_is_directory=True)
+    (view / "big_lam").symlink_to(sweep / "2", target_is_directory=True)
+    (view / "loop").symlink_to(tmp_path, target_is_directory=True)
+    rows = collect(view)
+    assert [(r["job"], r["lam"]) for r in rows] == [("big_lam", 1e-3), ("small_lam", 1e-5)]
+    assert rows[1]["test/right/loss"] == 0.42
+
+
 def test_parse_override_reads_yaml_values_and_strips_prefixes():
     assert parse_override("lam=1e-5") == ("lam", 1e-5)
     assert parse_override("+sweep=lambda_l1") == ("sweep", "lambda_l1")

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import yaml
 
-from mtlsparse.run_dir import CONFIG_DIR, METRICS_FILE, RunDir
+from mtlsparse.run_dir import RunDir
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -19,12 +20,20 @@ def find_job_dirs(root: Path) -> list[Path]:
 
     A job dir holds `.hydra/` or `metrics.json`; dirs nested inside another job dir
     (e.g. checkpoints that happen to hold a metrics.json) are not jobs of their own.
+    Symlinked dirs are followed (a view dir of links to runs kept elsewhere), each real
+    dir once, so a link cycle ends.
     """
-    if RunDir(root).is_job():
-        return [root]
-    found = {p.parent for p in root.rglob(CONFIG_DIR) if p.is_dir()}
-    found |= {p.parent for p in root.rglob(METRICS_FILE) if p.is_file()}
-    return sorted((d for d in found if not any(a in found for a in d.parents)), key=_natural_key)
+    found, seen = [], set()
+    for current, subdirs, _ in os.walk(root, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen:
+            subdirs.clear()
+            continue
+        seen.add(real)
+        if RunDir(Path(current)).is_job():
+            found.append(Path(current))
+            subdirs.clear()  # what lies inside a job dir belongs to that job
+    return sorted(found, key=_natural_key)
 
 
 def _natural_key(path: Path) -> tuple:
