@@ -38,7 +38,9 @@ MODEL_PREFIX = "model."
 ATTEMPTS_DIR = "attempts"
 MLFLOW_DIR = "mlflow"  # the local MLflow store (trackers.py), when no tracking_uri is given
 #: what a dead attempt leaves besides checkpoints/metrics: moved to attempts/N/ before a new start
-#: (with the trackers' default dirs: tensorboard/ (conf/logger/tensorboard.yaml), wandb/, the MLflow store)
+#: (with the trackers' dirs: wandb/, the MLflow store, and any dir of TensorBoard event files, the default
+#: tensorboard/ (conf/logger/tensorboard.yaml) or the one `logger.tensorboard.name` gives)
+TENSORBOARD_EVENTS = "events.out.tfevents.*"
 ATTEMPT_FILES = (CONFIG_DIR, JOB_FILE, ENVIRONMENT_FILE, "logs", "*.log", "mask_report.json", "layer_report.json",
                  "tensorboard", "wandb", MLFLOW_DIR)
 
@@ -112,7 +114,7 @@ class RunDir:
         """Move a dead attempt's files (no checkpoint, no metrics) to attempts/N/; None if there were none."""
         if not (self.job_file.exists() or (self.path / CONFIG_DIR).exists()):
             return None  # nothing ran here before (Hydra may just have opened this attempt's log)
-        found = sorted({p for pattern in ATTEMPT_FILES for p in self.path.glob(pattern)})
+        found = sorted({p for pattern in ATTEMPT_FILES for p in self.path.glob(pattern)} | self._tensorboard_dirs())
         attempts = self.path / ATTEMPTS_DIR
         number = 1 + max((int(p.name) for p in attempts.glob("*") if p.name.isdigit()), default=0)
         target = attempts / str(number)
@@ -121,6 +123,12 @@ class RunDir:
             for source in found:
                 source.rename(target / source.name)
         return target
+
+    def _tensorboard_dirs(self) -> set[Path]:
+        """Top-level dirs holding TensorBoard event files, whatever `logger.tensorboard.name` called them."""
+        keep = {ATTEMPTS_DIR, CHECKPOINT_DIR}
+        return {d for d in self.path.iterdir()
+                if d.is_dir() and d.name not in keep and next(d.rglob(TENSORBOARD_EVENTS), None) is not None}
 
     def write_config_record(self, cfg: DictConfig, hydra_cfg: DictConfig | None) -> None:
         """`.hydra/config.yaml`, `hydra.yaml`, `overrides.yaml` as Hydra would write them."""

@@ -278,15 +278,19 @@ def test_a_dir_without_checkpoint_or_metrics_is_free_and_keeps_the_dead_attempt(
     assert (tmp_path / "attempts" / "1" / "job.json").read_bytes() == dead_job
 
 
-def test_a_dead_attempts_tracker_logs_move_with_it(tiny_cfg, tmp_path, monkeypatch):
-    _die_before_the_first_epoch_ends(monkeypatch, tiny_cfg("logger=[csv,tensorboard]"), tmp_path)
-    dead = sorted(p.relative_to(tmp_path) for p in (tmp_path / "tensorboard").rglob("*") if p.is_file())
+@pytest.mark.parametrize("name", [None, "tb_runs"])
+def test_a_dead_attempts_tracker_logs_move_with_it(tiny_cfg, tmp_path, monkeypatch, name):
+    """The dead attempt's TensorBoard dir moves too, under the default name or the one the user gave."""
+    overrides = ["logger=[csv,tensorboard]"] + ([f"logger.tensorboard.name={name}"] if name else [])
+    board = name or "tensorboard"
+    _die_before_the_first_epoch_ends(monkeypatch, tiny_cfg(*overrides), tmp_path)
+    dead = sorted(p.relative_to(tmp_path) for p in (tmp_path / board).rglob("*") if p.is_file())
     assert dead, "the dead attempt wrote no TensorBoard files"
-    run(tiny_cfg("logger=[csv,tensorboard]"), tmp_path)
+    run(tiny_cfg(*overrides), tmp_path)
     assert sorted(p.relative_to(tmp_path / "attempts" / "1") for p in
-                  (tmp_path / "attempts" / "1" / "tensorboard").rglob("*") if p.is_file()) == dead
+                  (tmp_path / "attempts" / "1" / board).rglob("*") if p.is_file()) == dead
     assert not any((tmp_path / f).exists() for f in dead if f.name.startswith("events."))  # none of the dead ones
-    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))  # but its own
+    assert list((tmp_path / board).rglob("events.out.tfevents.*"))  # but its own
 
 
 def test_a_zero_epoch_budget_is_refused(tiny_cfg, tmp_path):
