@@ -86,3 +86,12 @@ def test_datasets_without_shared_items_give_the_same_split_either_way():
 def test_bad_val_from_names_the_key_and_the_fix(root, kwargs, message):
     with pytest.raises(ValueError, match=message):
         small(root=root, **kwargs)
+
+
+@pytest.mark.parametrize("build", [lambda root: small(root=root, train_pairs=3, val_from="held_out_items",
+                                                      val_fraction=0.9).build(),
+                                   lambda root: MultiDigits(train_pairs=3, test_pairs=10, val_from="held_out_items",
+                                                            val_fraction=0.9).load()])
+def test_a_val_fraction_that_takes_every_training_pair_is_refused(root, build):
+    with pytest.raises(ValueError, match=r"dataset.val_fraction=0.9 leaves no training pairs of train_pairs=3"):
+        build(root)

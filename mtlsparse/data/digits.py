@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from mtlsparse.data.base import ImageData, MultiTaskDataModule
-from mtlsparse.data.pairs import build_pairs, channel_stats, hold_out, subset
+from mtlsparse.data.pairs import build_pairs, channel_stats, held_out_pair_counts, hold_out, subset
 from mtlsparse.data.sources import ImageSet
 from mtlsparse.tasks import Task
 
@@ -72,10 +72,7 @@ class MultiDigits(MultiTaskDataModule):
             kept, held = hold_out(len(perm) - n_test, self.val_fraction, torch.Generator().manual_seed(self.seed + 2))
             pool = split_items["train"]
             split_items["train"], split_items["val"] = subset(pool, kept), subset(pool, held)
-            counts["val"] = max(1, round(self.train_pairs * self.val_fraction))
-            counts["train"] = self.train_pairs - counts["val"]
-            if counts["train"] < 1:
-                raise ValueError(f"dataset.val_fraction={self.val_fraction} leaves no training pairs: lower it")
+            counts["train"], counts["val"] = held_out_pair_counts(self.train_pairs, self.val_fraction)
             draws["train"] = draws["val"] = torch.Generator().manual_seed(self.seed + 3)
             for _ in range(2):
                 torch.randint(len(perm) - n_test, (self.train_pairs,), generator=generator)

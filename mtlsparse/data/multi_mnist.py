@@ -13,7 +13,7 @@ import torch
 
 from mtlsparse.data.base import ImageData, MultiTaskDataModule
 from mtlsparse.data.cache import build_cached, cache_path, save_atomic
-from mtlsparse.data.pairs import build_pairs, channel_stats, hold_out, subset
+from mtlsparse.data.pairs import build_pairs, channel_stats, held_out_pair_counts, hold_out, subset
 from mtlsparse.data.sources import SOURCES, load_source
 from mtlsparse.tasks import Task
 
@@ -90,11 +90,8 @@ class MultiPairDataModule(MultiTaskDataModule):
         """Pairs to build per split: the val pairs come out of train_pairs when they are built apart."""
         if not self.held_out:
             return {"train": self.train_pairs, "test": self.test_pairs}
-        n_val = max(1, round(self.train_pairs * self.val_fraction))
-        if n_val >= self.train_pairs:
-            raise ValueError(f"dataset.val_fraction={self.val_fraction} leaves no training pairs of "
-                             f"train_pairs={self.train_pairs}: lower val_fraction")
-        return {"train": self.train_pairs - n_val, "val": n_val, "test": self.test_pairs}
+        n_train, n_val = held_out_pair_counts(self.train_pairs, self.val_fraction)
+        return {"train": n_train, "val": n_val, "test": self.test_pairs}
 
     @property
     def cache_path(self) -> Path:

@@ -58,6 +58,15 @@ def hold_out(n: int, fraction: float, generator: torch.Generator) -> tuple[Tenso
     return perm[n_held:].sort().values, perm[:n_held].sort().values
 
 
+def held_out_pair_counts(train_pairs: int, fraction: float) -> tuple[int, int]:
+    """(train, val) pair counts when the val pairs come out of ``train_pairs``: ``round(fraction·n)`` (at least 1)."""
+    n_val = max(1, round(train_pairs * fraction))
+    if n_val >= train_pairs:
+        raise ValueError(f"dataset.val_fraction={fraction} leaves no training pairs of train_pairs={train_pairs}: "
+                         "lower dataset.val_fraction")
+    return train_pairs - n_val, n_val
+
+
 def subset(items: ImageSet, index: Tensor) -> ImageSet:
     """The items at ``index``."""
     return ImageSet(items.images[index], items.labels[index])
