@@ -17,6 +17,7 @@ from mtlsparse.errors import ConfigError
 from mtlsparse.models.cgc import CGC
 from mtlsparse.models.dselect_k import DSelectK, DSelectKGate, binary_codes, selector_weights, smooth_step
 from mtlsparse.models.ltb import LTB, LTBResNet, search_end_epoch
+from mtlsparse.models.mmoe import MMoE
 from mtlsparse.models.ple import PLE, level_slices
 from mtlsparse.sparsity.layers import prunable_layers
 from mtlsparse.tasks import Task
@@ -283,6 +284,13 @@ def test_dselect_k_bad_values_name_the_key():
                         ({"entropy_reg": -1.0}, "model.entropy_reg"), ({"num_experts": 0}, "model.num_experts")]:
         with pytest.raises(ValueError, match=key):
             DSelectK(TASKS, SHAPE, **kwargs)
+
+
+@pytest.mark.parametrize("model", [MMoE, DSelectK])
+@pytest.mark.parametrize("num_experts", [0, 2.5, True])
+def test_both_expert_mixtures_refuse_a_bad_expert_count_with_one_message(model, num_experts):
+    with pytest.raises(ValueError, match=rf"model.num_experts must be an integer >= 1, got {num_experts!r}"):
+        model(TASKS, SHAPE, num_experts=num_experts)
 
 
 # ------------------------------------------------------------------ LTB

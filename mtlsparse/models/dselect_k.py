@@ -35,14 +35,13 @@ ResNet-trunk variant here. Deviations of LibMTL's DSelect_k are in docs/models.m
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.models.cgc import mix
-from mtlsparse.models.lenet import first_layer, lenet_trunk
+from mtlsparse.models.mmoe import SharedExperts, check_num_experts
 from mtlsparse.tasks import Task
 
 GATES = ("static", "per_example")
@@ -118,16 +117,14 @@ class DSelectKGate(nn.Module):
         return total.mean() if total.dim() else total
 
 
-class DSelectK(MultiTaskModel):
+class DSelectK(SharedExperts):
     """`num_experts` LeNet experts (same knobs as MMoE) + one DSelect-k gate and one linear head per task."""
 
     def __init__(self, tasks: dict[str, Task], in_shape: Sequence[int], num_experts: int = 4, k: int = 2,
                  gamma: float = 1.0, gate: str = "static", entropy_reg: float = 1e-3,
                  channels: Sequence[int] = (10, 20), hidden: int = 50, kernel_size: int = 5,
                  batch_norm: bool = False) -> None:
-        super().__init__()
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"model.num_experts must be an integer >= 1, got {num_experts!r}")
+        check_num_experts(num_experts)  # before k's range, which it bounds
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
             raise ValueError(f"model.k (experts each gate selects) must be an integer in 1..{num_experts} "
                              f"(model.num_experts), got {k!r}")
@@ -137,15 +134,12 @@ class DSelectK(MultiTaskModel):
             raise ValueError(f"model.gate must be one of {GATES}, got {gate!r}")
         if not entropy_reg >= 0:
             raise ValueError(f"model.entropy_reg (λ of the entropy regulariser) must be >= 0, got {entropy_reg!r}")
-        self.tasks = dict(tasks)
+        in_features = None if gate == "static" else math.prod(in_shape)
+        super().__init__(tasks, in_shape, num_experts, channels, hidden, kernel_size, batch_norm,
+                         make_gate=lambda: DSelectKGate(num_experts, k, gamma, in_features))
         self.k, self.gamma, self.gate, self.entropy_reg = k, float(gamma), gate, float(entropy_reg)
         #: static gates read no input: the stacked expert outputs are a shared representation
         self.has_representation = gate == "static"
-        self.experts = nn.ModuleList(
-            lenet_trunk(in_shape, channels, hidden, kernel_size, batch_norm) for _ in range(num_experts))
-        in_features = None if gate == "static" else math.prod(in_shape)
-        self.gates = nn.ModuleDict({name: DSelectKGate(num_experts, k, gamma, in_features) for name in self.tasks})
-        self.heads = nn.ModuleDict({name: nn.Linear(hidden, t.out_dim) for name, t in self.tasks.items()})
         self._aux: Tensor | None = None
 
     def gate_weights(self, x: Tensor | None = None) -> dict[str, Tensor]:
@@ -185,19 +179,6 @@ class DSelectK(MultiTaskModel):
             return None
         return self._aux
 
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        return self.experts.parameters()
-
-    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        yield from self.gates[task].parameters()
-        yield from self.heads[task].parameters()
-
-    def backbone_modules(self) -> Sequence[nn.Module]:
-        return [*self.experts, *self.gates.values()]
-
     def input_layers(self) -> Sequence[nn.Module]:
         maps = [m for gate in self.gates.values() for m in (gate.z_map, gate.alpha_map) if m is not None]
-        return [*(first_layer(expert) for expert in self.experts), *maps]
-
-    def head_modules(self) -> Sequence[nn.Module]:
-        return list(self.heads.values())
+        return [*self.expert_input_layers(), *maps]

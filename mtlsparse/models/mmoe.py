@@ -11,7 +11,7 @@ heads could decode alone: MGDA-UB / `mode=representation` fail with a clear erro
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,32 +21,29 @@ from mtlsparse.models.lenet import first_layer, lenet_trunk
 from mtlsparse.tasks import Task
 
 
-class MMoE(MultiTaskModel):
-    """`num_experts` LeNet experts (same knobs as HPS) + one softmax gate and one linear head per task."""
+def check_num_experts(num_experts: int) -> int:
+    """`model.num_experts`: an integer >= 1."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"model.num_experts must be an integer >= 1, got {num_experts!r}")
+    return num_experts
 
-    has_representation = False  # the gates read the input too
 
-    def __init__(self, tasks: dict[str, Task], in_shape: Sequence[int], num_experts: int = 3,
-                 channels: Sequence[int] = (10, 20), hidden: int = 50, kernel_size: int = 5,
-                 batch_norm: bool = False) -> None:
+class SharedExperts(MultiTaskModel):
+    """Base of the mixture-of-experts models: `num_experts` LeNet experts shared by every task and, per
+    task, a gate (built by `make_gate`) and a linear head on the gated mixture of the experts' features.
+
+    Contract: the experts are the shared parameters; task t's gate and head are task t's.
+    """
+
+    def __init__(self, tasks: dict[str, Task], in_shape: Sequence[int], num_experts: int,
+                 channels: Sequence[int], hidden: int, kernel_size: int, batch_norm: bool,
+                 make_gate: Callable[[], nn.Module]) -> None:
         super().__init__()
-        if num_experts < 1:
-            raise ValueError(f"model.num_experts must be >= 1, got {num_experts}")
         self.tasks = dict(tasks)
-        self.experts = nn.ModuleList(
-            lenet_trunk(in_shape, channels, hidden, kernel_size, batch_norm) for _ in range(num_experts))
-        self.gates = nn.ModuleDict({name: nn.Linear(math.prod(in_shape), num_experts) for name in self.tasks})
+        self.experts = nn.ModuleList(lenet_trunk(in_shape, channels, hidden, kernel_size, batch_norm)
+                                     for _ in range(check_num_experts(num_experts)))
+        self.gates = nn.ModuleDict({name: make_gate() for name in self.tasks})
         self.heads = nn.ModuleDict({name: nn.Linear(hidden, t.out_dim) for name, t in self.tasks.items()})
-
-    def gate_weights(self, x: Tensor) -> dict[str, Tensor]:
-        """Each task's softmax weights over the experts, [B, E]."""
-        flat = x.flatten(1)
-        return {name: torch.softmax(gate(flat), dim=1) for name, gate in self.gates.items()}
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        experts = torch.stack([expert(x) for expert in self.experts], dim=1)  # [B, E, hidden]
-        return {name: self.heads[name]((g.unsqueeze(-1) * experts).sum(dim=1))
-                for name, g in self.gate_weights(x).items()}
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         return self.experts.parameters()
@@ -58,8 +55,34 @@ class MMoE(MultiTaskModel):
     def backbone_modules(self) -> Sequence[nn.Module]:
         return [*self.experts, *self.gates.values()]
 
-    def input_layers(self) -> Sequence[nn.Module]:
-        return [*(first_layer(expert) for expert in self.experts), *self.gates.values()]
+    def expert_input_layers(self) -> list[nn.Module]:
+        """Each expert's first layer (it reads the raw input)."""
+        return [first_layer(expert) for expert in self.experts]
 
     def head_modules(self) -> Sequence[nn.Module]:
         return list(self.heads.values())
+
+
+class MMoE(SharedExperts):
+    """`num_experts` LeNet experts (same knobs as HPS) + one softmax gate and one linear head per task."""
+
+    has_representation = False  # the gates read the input too
+
+    def __init__(self, tasks: dict[str, Task], in_shape: Sequence[int], num_experts: int = 3,
+                 channels: Sequence[int] = (10, 20), hidden: int = 50, kernel_size: int = 5,
+                 batch_norm: bool = False) -> None:
+        super().__init__(tasks, in_shape, num_experts, channels, hidden, kernel_size, batch_norm,
+                         make_gate=lambda: nn.Linear(math.prod(in_shape), num_experts))
+
+    def gate_weights(self, x: Tensor) -> dict[str, Tensor]:
+        """Each task's softmax weights over the experts, [B, E]."""
+        flat = x.flatten(1)
+        return {name: torch.softmax(gate(flat), dim=1) for name, gate in self.gates.items()}
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        experts = torch.stack([expert(x) for expert in self.experts], dim=1)  # [B, E, hidden]
+        return {name: self.heads[name]((g.unsqueeze(-1) * experts).sum(dim=1))
+                for name, g in self.gate_weights(x).items()}
+
+    def input_layers(self) -> Sequence[nn.Module]:
+        return [*self.expert_input_layers(), *self.gates.values()]
