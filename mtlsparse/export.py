@@ -45,7 +45,16 @@ from mtlsparse.compaction.formats import (
 )
 from mtlsparse.compaction.graph import BUDGET_S, Budget, check_compactable, zero_channel_groups
 from mtlsparse.compaction.serialise import load_compact
-from mtlsparse.compaction.surgery import TOLERANCE, compact, max_abs_diff, num_params, removal_counts, strip_masks_
+from mtlsparse.compaction.surgery import (
+    TOLERANCE,
+    compact,
+    max_abs_diff,
+    num_params,
+    removal_counts,
+    strip_masks_,
+    unreached_modules,
+    unreached_params,
+)
 from mtlsparse.errors import exit_code
 from mtlsparse.io import write_json
 from mtlsparse.latency import Runnable, count_flops, latency_spread_ms, measurable_difference
@@ -113,7 +122,7 @@ def export_model(model: nn.Module, input_shape: Sequence[int], out_dir: str | Pa
     dense = strip_masks_(copy.deepcopy(model)).cpu().eval()
     x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(seed))
     reason = NO_ZERO_GROUP
-    if zero_channel_groups(model) > 0:
+    if zero_channel_groups(model) > 0 or unreached_modules(model):
         small, removed = compact(dense, x[:2], Budget(budget_s))
         reason = STILL_READ if not removed else ""
     if reason:
@@ -136,6 +145,7 @@ def export_model(model: nn.Module, input_shape: Sequence[int], out_dir: str | Pa
             "flops/dense": flops_dense, "flops/compact": flops_compact,
             "export/max_abs_diff": diff, "export/max_abs_diff_fp32": max_abs_diff(dense, small, x),
             "export/channels_removed": channels, "export/features_gathered": features,
+            "export/unreached_params": unreached_params(removed),
             "export/formats": ",".join(choice.formats), **files}
 
 

@@ -275,6 +275,38 @@ def test_export_model_saves_a_reloadable_compact_model(tmp_path):
     assert max_abs_diff(model, reloaded, x) <= TOLERANCE
 
 
+@pytest.mark.parametrize("zero_groups", [False, True])
+def test_a_fixed_ltb_trees_unreached_nodes_are_removed_whole_and_the_file_reloads(tmp_path, zero_groups):
+    """Both heads on one branch of the fixed tree: the other branch's nodes go (and with zero
+    groups, their channels too), the outputs stay, and the counts say what went."""
+    cfg = compose_config(TINY + ["model=ltb", f"data_root={tmp_path / 'data'}"])
+    datamodule = build(cfg, "dataset")
+    model = build_model(cfg, datamodule).eval()
+    with torch.no_grad():  # every child and head picks node 0 of the layer above: nodes *.1 are unreached
+        for logits in [*model.branch_logits.values(), *model.head_logits.values()]:
+            logits.zero_()[..., 0] = 1.0
+        model.fix_()
+        if zero_groups:
+            model.nodes[1][0][0].weight[:, :3] = 0  # 3 input channels of the reached conv2
+    unreached = model.unreachable_modules()
+    assert unreached == [f"nodes.{layer}.1" for layer in range(len(model.nodes))]
+    dead = sum(p.numel() for name in unreached for p in model.get_submodule(name).parameters())
+    metrics = export_model(model, datamodule.input_shape, tmp_path, config=cfg, batch=4, repeats=2, warmup=1)
+    assert metrics["export/unreached_params"] == dead
+    assert metrics["export/max_abs_diff"] <= TOLERANCE
+    channels = metrics["export/channels_removed"] + metrics["export/features_gathered"]
+    assert (channels > 0) == zero_groups
+    if not zero_groups:  # only the unreached nodes went
+        assert metrics["params/compact"] == metrics["params/dense"] - dead
+    assert metrics["params/compact"] <= metrics["params/dense"] - dead
+    reloaded = load_compact(tmp_path / COMPACT_FILE)  # rebuilt from the saved config, the same nodes removed
+    assert num_params(reloaded) == metrics["params/compact"]
+    x = torch.randn(3, *datamodule.input_shape)
+    assert max_abs_diff(model, reloaded, x) <= TOLERANCE
+    with pytest.raises(Exception, match=r"nodes.0.1 was removed by export"):
+        reloaded.encode(x)  # encode computes every node: a removed one says so
+
+
 def test_masked_models_export_with_masks_folded_in(tmp_path):
     from mtlsparse.sparsity.masks import MASK, add_mask
 

@@ -3,7 +3,8 @@
 The file holds the compact `state_dict` and the run's config, not a pickled module
 (whole-model pickles break when code moves): `load_compact` rebuilds the model from the
 config, shrinks its layers to the saved shapes and loads the weights, so it reloads with
-`torch.load(weights_only=True)` and stays trainable.
+`torch.load(weights_only=True)` and stays trainable. Submodules export removed because no
+output reads them are listed by name (`unreached`) and removed again before loading.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from mtlsparse.builders import build_run_model
 from mtlsparse.compaction.errors import ExportError
-from mtlsparse.compaction.surgery import INPUT_INDEX, attach_input_gather_
+from mtlsparse.compaction.surgery import INPUT_INDEX, Unreached, attach_input_gather_, remove_modules_
 
 FORMAT = "mtlsparse-compact/1"
 
@@ -27,7 +28,8 @@ def save_compact(model: nn.Module, path: str | Path, config: DictConfig | dict |
     config = {k: v for k, v in (config or {}).items() if k != "hydra"}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"format": FORMAT, "state_dict": model.state_dict(), "config": config}, tmp)
+    unreached = [name for name, module in model.named_modules() if isinstance(module, Unreached)]
+    torch.save({"format": FORMAT, "state_dict": model.state_dict(), "config": config, "unreached": unreached}, tmp)
     tmp.replace(path)
 
 
@@ -72,6 +74,7 @@ def load_compact(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         if not saved["config"]:
             raise ExportError(f"{path} was saved without a config: pass the dense model to rebuild")
         model, _ = build_run_model(OmegaConf.create(saved["config"]))
+    remove_modules_(model, saved.get("unreached", []))  # (files saved before export removed any: none)
     shrink_to_(model, saved["state_dict"])
     model.load_state_dict(saved["state_dict"], strict=True)
     return model.eval()

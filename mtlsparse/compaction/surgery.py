@@ -5,7 +5,9 @@ groups `graph.plan_removal` finds are cut with torch-pruning; after the channel 
 linear layer that still has all-zero input columns (e.g. an FC layer after Flatten whose
 group lasso zeroed single features, not whole conv channels) keeps only its read columns
 and gathers its inputs (`gather_inputs_`), so its weight and its multiply-adds shrink with
-the group sparsity. Every cut is checked against the original's outputs (`max_abs_diff`).
+the group sparsity. Submodules that the model declares no output reads (a fixed LTB tree's
+unused nodes: `MultiTaskModel.unreachable_modules`) are removed whole, leaving an `Unreached`
+placeholder. Every cut is checked against the original's outputs (`max_abs_diff`).
 """
 from __future__ import annotations
 
@@ -19,12 +21,41 @@ from torch import Tensor, nn
 from mtlsparse.channel_groups import ChannelGroups
 from mtlsparse.compaction.errors import BudgetExceeded, ExportError
 from mtlsparse.compaction.graph import Budget, check_compactable, coupled_group, dependency_graph, plan_removal
+from mtlsparse.models.base import MultiTaskModel
 from mtlsparse.sparsity.masks import MASK
 
 log = logging.getLogger("mtlsparse")
 
 TOLERANCE = 1e-4
 INPUT_INDEX = "input_index"  # buffer of a linear layer that reads only these input features
+UNREACHED = "unreached"  # `compact`'s count key suffix of a submodule no output reads, removed whole
+
+
+class Unreached(nn.Module):
+    """Stands in for a submodule that no model output reads, removed by export; calling it is an error."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, *args: object, **kwargs: object) -> None:
+        raise ExportError(f"{self.name} was removed by export (no model output reads it), but something called it")
+
+
+def unreached_modules(model: nn.Module) -> list[str]:
+    """The submodules `model` declares that no output reads (`MultiTaskModel.unreachable_modules`)."""
+    return model.unreachable_modules() if isinstance(model, MultiTaskModel) else []
+
+
+def remove_modules_(model: nn.Module, names: list[str]) -> dict[str, int]:
+    """Replace the named submodules by `Unreached` placeholders; returns each one's parameter count."""
+    counts = {}
+    for name in names:
+        owner, _, child = name.rpartition(".")
+        parent = model.get_submodule(owner)
+        counts[name] = sum(p.numel() for p in parent.get_submodule(child).parameters())
+        setattr(parent, child, Unreached(name))
+    return counts
 
 
 def strip_masks_(model: nn.Module) -> nn.Module:
@@ -76,6 +107,7 @@ def compact(model: nn.Module, x: Tensor, budget: Budget | None = None) -> tuple[
     check_compactable(model)
     budget = budget or Budget()
     reference = strip_masks_(copy.deepcopy(model)).cpu().eval()
+    unreached = remove_modules_(reference, unreached_modules(reference))  # every copy below starts without them
     x = x.cpu()
     small = copy.deepcopy(reference)
     graph, plan = plan_removal(small, x, budget)
@@ -97,13 +129,19 @@ def compact(model: nn.Module, x: Tensor, budget: Budget | None = None) -> tuple[
             if 0 < int(read.sum()) < len(read):
                 gather_inputs_(module, read.nonzero().flatten())
                 removed[f"{name}:inputs"] = len(read) - int(read.sum())
+    removed |= {f"{name}:{UNREACHED}": count for name, count in unreached.items()}
     return small.eval(), removed
 
 
 def removal_counts(removed: dict[str, int]) -> tuple[int, int]:
     """(channels removed, linear input features dropped) from `compact`'s per-layer counts."""
     features = sum(n for name, n in removed.items() if name.endswith(":inputs"))
-    return sum(removed.values()) - features, features
+    return sum(n for name, n in removed.items() if ":" not in name), features
+
+
+def unreached_params(removed: dict[str, int]) -> int:
+    """Parameters of the submodules that no output reads, which `compact` removed whole."""
+    return sum(n for name, n in removed.items() if name.endswith(f":{UNREACHED}"))
 
 
 def _gather_input(module: nn.Linear, inputs: tuple) -> tuple:

@@ -71,6 +71,10 @@ class MultiTaskModel(nn.Module):
         """Architecture-level loss of the last training forward (e.g. distillation), added unweighted."""
         return None
 
+    def unreachable_modules(self) -> list[str]:
+        """Names of submodules that no output reads in eval (a fixed LTB tree's unused nodes): export drops them."""
+        return []
+
     def set_budget(self, max_epochs: int | None) -> None:
         """The run's epoch budget, right after construction (resolve epoch schedules; fail on unreachable ones)."""
 

@@ -188,14 +188,25 @@ class BranchingModel(MultiTaskModel):
             return self.decode(self.encode(x))
         self._remember_input(x)
         inner, heads = self.parents()
-        needed = [set() for _ in self.nodes]  # nodes some task's path reaches, from the heads down
-        needed[-1] = set(heads.values())
-        for layer in range(len(self.nodes) - 1, 0, -1):
-            needed[layer - 1] = {inner[layer - 1][i] for i in needed[layer]}
+        needed = self.reached_nodes()
         outs = {i: self.nodes[0][i](x) for i in sorted(needed[0])}
         for layer in range(1, len(self.nodes)):
             outs = {i: self.nodes[layer][i](outs[inner[layer - 1][i]]) for i in sorted(needed[layer])}
         return self._tie_unused({name: self._head(name, outs[heads[name]]) for name in self.tasks}, needed)
+
+    def reached_nodes(self) -> list[set[int]]:
+        """Per layer, the nodes of the argmax (or fixed) tree that some task's path reaches, from the heads down."""
+        inner, heads = self.parents()
+        needed = [set() for _ in self.nodes]
+        needed[-1] = set(heads.values())
+        for layer in range(len(self.nodes) - 1, 0, -1):
+            needed[layer - 1] = {inner[layer - 1][i] for i in needed[layer]}
+        return needed
+
+    def unreachable_modules(self) -> list[str]:
+        """The tree's nodes that no task's path reaches: evaluation never computes them."""
+        return [f"nodes.{layer}.{i}" for layer, used in enumerate(self.reached_nodes())
+                for i in range(len(self.nodes[layer])) if i not in used]
 
     def _tie_unused(self, out: dict[str, Tensor], needed: list[set[int]] | None) -> dict[str, Tensor]:
         """While training the fixed tree, add 0 · Σ(unused parameters) to the outputs.
