@@ -24,10 +24,12 @@ from torch import nn
 
 from mtlsparse import export
 from mtlsparse.compaction import formats
+from mtlsparse.compaction.errors import ExportError
 from mtlsparse.compaction.formats import (
     UNSTRUCTURED_NOTE,
     FormatChoice,
     OnnxRunner,
+    check_runtime,
     choose_formats,
     parse_formats,
 )
@@ -202,7 +204,8 @@ def test_a_failed_check_leaves_metrics_and_earlier_files_as_they_were(tmp_path, 
     capsys.readouterr()
     assert main([str(run_dir), "--format", "state_dict,onnx", "--repeats", "2", "--batch", "4"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "differs from the torch model by max |Δout| 1 > 0.0001" in err
+    assert err.count("\n") == 1 and "differs from the torch model by max |Δout| 1 > " in err
+    assert "(0.0001 × max(1, largest |output|" in err
     after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     assert after == before, "metrics.json and compact_model.pt untouched, no ONNX file"
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".export-")], "the staging dir is removed"
@@ -340,3 +343,26 @@ def test_a_bad_export_node_fails_before_training(tiny_cfg, tmp_path):
     with pytest.raises(ConfigError, match="export.formats"):
         run(tiny_cfg("method=group_lasso", "lam=1e-2", "export.formats=[onnx,tflite]"), tmp_path)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("scale, error, passes", [
+    (100.0, 5e-3, True),    # float32 rounding of large logits: within 1e-4 × 100
+    (100.0, 2e-2, False),   # past it
+    (0.5, 5e-5, True),      # small outputs: the absolute 1e-4
+    (0.5, 2e-4, False),
+])
+def test_a_runtime_is_checked_relative_to_the_size_of_its_outputs(scale, error, passes):
+    reference = nn.Linear(4, 3)
+    with torch.no_grad():
+        reference.weight.zero_()
+        reference.bias.copy_(torch.tensor([scale, -scale / 2, 0.0]))
+    xs = [torch.randn(5, 4), torch.randn(1, 4)]
+
+    def run(x):
+        return reference(x) + error
+
+    if passes:
+        assert check_runtime(reference, run, xs, "the runtime") == pytest.approx(error, rel=1e-3)
+    else:
+        with pytest.raises(ExportError, match=rf"the runtime differs .* > {1e-4 * max(1.0, scale):.3g} "):
+            check_runtime(reference, run, xs, "the runtime")
