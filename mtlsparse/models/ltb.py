@@ -188,7 +188,7 @@ class BranchingModel(MultiTaskModel):
             return self.decode(self.encode(x))
         self._remember_input(x)
         inner, heads = self.parents()
-        needed = self.reached_nodes()
+        needed = self._reached(inner, heads)
         outs = {i: self.nodes[0][i](x) for i in sorted(needed[0])}
         for layer in range(1, len(self.nodes)):
             outs = {i: self.nodes[layer][i](outs[inner[layer - 1][i]]) for i in sorted(needed[layer])}
@@ -196,8 +196,11 @@ class BranchingModel(MultiTaskModel):
 
     def reached_nodes(self) -> list[set[int]]:
         """Per layer, the nodes of the argmax (or fixed) tree that some task's path reaches, from the heads down."""
-        inner, heads = self.parents()
-        needed = [set() for _ in self.nodes]
+        return self._reached(*self.parents())
+
+    def _reached(self, inner: list[list[int]], heads: dict[str, int]) -> list[set[int]]:
+        """`reached_nodes` of the tree that `parents()` returned (inner parents, head parents)."""
+        needed: list[set[int]] = [set() for _ in self.nodes]
         needed[-1] = set(heads.values())
         for layer in range(len(self.nodes) - 1, 0, -1):
             needed[layer - 1] = {inner[layer - 1][i] for i in needed[layer]}
