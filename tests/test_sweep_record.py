@@ -1,9 +1,15 @@
-"""A sweep dir's multirun.yaml: an earlier, different record is kept aside, never overwritten."""
+"""A sweep dir's records (multirun.yaml, a search's optimization_results.yaml): earlier ones are kept."""
 from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from mtlsparse.sweep_record import KeepSweepRecord, archived_records, keep_earlier_record
+from mtlsparse.sweep_record import (
+    SEARCH_RESULTS,
+    KeepSweepRecord,
+    archived_records,
+    keep_earlier_record,
+    keep_search_results,
+)
 
 
 def sweep_config(sweep_dir, lam: str):
@@ -39,3 +45,31 @@ def test_records_are_numbered_after_the_ones_already_kept(tmp_path):
 def test_a_new_sweep_dir_has_nothing_to_keep(tmp_path):
     assert keep_earlier_record(tmp_path / "new", "anything\n") is None
     assert keep_earlier_record(tmp_path, "anything\n") is None
+
+
+def test_names_that_only_look_numbered_are_not_records(tmp_path):
+    for name in ("multirun.x.yaml", "multirun.1.2.yaml", "multirun.3.yml", "multirun.4.yaml"):
+        (tmp_path / name).write_text(name)
+    assert [p.name for p in archived_records(tmp_path)] == ["multirun.4.yaml"]
+
+
+def test_an_earlier_search_verdict_is_copied_before_a_sweep_starts(tmp_path):
+    verdict = "name: optuna\nbest_params:\n  lam: 0.001\nbest_value: 0.25\n"
+    (tmp_path / SEARCH_RESULTS).write_text(verdict)
+    KeepSweepRecord().on_multirun_start(config=sweep_config(tmp_path, "interval(0, 1e-2)"))
+    # the verdict stays in place (a sweep that fails before its end leaves it as it was) and a copy is kept
+    assert (tmp_path / SEARCH_RESULTS).read_text() == verdict
+    assert [p.read_text() for p in archived_records(tmp_path, SEARCH_RESULTS)] == [verdict]
+    (tmp_path / SEARCH_RESULTS).write_text("name: optuna\nbest_value: 0.5\n")  # the re-run's verdict
+    assert (tmp_path / "optimization_results.1.yaml").read_text() == verdict
+
+
+def test_a_verdict_already_kept_is_not_copied_again(tmp_path):
+    (tmp_path / SEARCH_RESULTS).write_text("best_value: 0.25\n")
+    assert keep_search_results(tmp_path) == tmp_path / "optimization_results.1.yaml"
+    assert keep_search_results(tmp_path) is None  # the same sweep again: nothing new to keep
+    (tmp_path / SEARCH_RESULTS).write_text("best_value: 0.5\n")
+    assert keep_search_results(tmp_path) == tmp_path / "optimization_results.2.yaml"
+    assert [p.read_text() for p in archived_records(tmp_path, SEARCH_RESULTS)] == ["best_value: 0.25\n",
+                                                                                  "best_value: 0.5\n"]
+    assert keep_search_results(tmp_path / "new") is None
