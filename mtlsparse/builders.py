@@ -63,7 +63,7 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> MultiTas
     scheduler = build(cfg, "scheduler") if cfg.get("scheduler") else None
     probe_optimizer(cfg, optimizer, scheduler)
     module = MultiTaskModule(model, balancer, method, optimizer, scheduler, min_sparsity=cfg.min_sparsity,
-                             reference=getattr(datamodule, "reference", None))
+                             reference=getattr(datamodule, "reference", None), memory_format=cfg.memory_format)
     if cfg.k0 != 0 and method.penalty() is None:
         log.warning("k0=%s has no effect: method=%s has no sparsity objective for the balancer to weigh "
                     "(group_lasso, l1 and growl have one)", cfg.k0, group_choices(cfg)["method"])

@@ -119,7 +119,9 @@ def export_model(model: nn.Module, input_shape: Sequence[int], out_dir: str | Pa
     if batch < 1:
         raise ValueError(f"export batch must be >= 1, got {batch}")
     check_compactable(model)
-    dense = strip_masks_(copy.deepcopy(model)).cpu().eval()
+    # the standard layout, whatever `memory_format` the run trained in: the compact model is built
+    # from it, deployment formats expect it, and dense and compact are then timed alike
+    dense = strip_masks_(copy.deepcopy(model)).cpu().to(memory_format=torch.contiguous_format).eval()
     x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(seed))
     reason = NO_ZERO_GROUP
     if zero_channel_groups(model) > 0 or unreached_modules(model):

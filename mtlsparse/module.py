@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from mtlsparse.balancers.base import BalanceContext, Balancer
 from mtlsparse.errors import NonFiniteLossError
+from mtlsparse.memory_format import MEMORY_FORMATS, check_memory_format
 from mtlsparse.metrics.dense import check_reference, delta_m
 from mtlsparse.metrics.sparsity import group_sparsity, param_sparsity
 from mtlsparse.models.base import MultiTaskModel
@@ -47,8 +48,10 @@ class MultiTaskModule(L.LightningModule):
 
     def __init__(self, model: MultiTaskModel, balancer: Balancer, method: SparsityMethod,
                  optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None,
-                 min_sparsity: float = 0.0, reference: Mapping | None = None) -> None:
+                 min_sparsity: float = 0.0, reference: Mapping | None = None,
+                 memory_format: str = "contiguous") -> None:
         super().__init__()
+        self.memory_format = check_memory_format(memory_format)
         self.model, self.balancer, self.method = model, balancer, method
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.min_sparsity = min_sparsity
@@ -74,9 +77,21 @@ class MultiTaskModule(L.LightningModule):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.model(x)
 
+    def setup(self, stage: str) -> None:
+        """Lay the conv weights out in `memory_format` before the optimizer's state is made from them."""
+        if self.memory_format != "contiguous":
+            self.model.to(memory_format=MEMORY_FORMATS[self.memory_format])  # parameters keep their identity
+
+    def _in_layout(self, x: Tensor) -> Tensor:
+        """An image batch in `memory_format` too, so every conv runs in one layout."""
+        if self.memory_format != "contiguous" and x.dim() == 4:
+            return x.contiguous(memory_format=MEMORY_FORMATS[self.memory_format])
+        return x
+
     # ----------------------------------------------------------------- steps
     def _outputs(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
         """Task outputs, and the shared representation z when the balancer differentiates w.r.t. it."""
+        x = self._in_layout(x)
         if self.balancer.needs_representation:
             z = self.model.encode(x)
             return self.model.decode(z), z
@@ -115,7 +130,7 @@ class MultiTaskModule(L.LightningModule):
 
     def _eval_step(self, split: str, batch: tuple[Tensor, dict[str, Tensor]]) -> None:
         x, y = batch
-        out = self.model(x)
+        out = self.model(self._in_layout(x))
         for name, loss in self._losses(out, y).items():
             self.log(f"{split}/{name}/loss", loss, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
             self.task_metrics[split][name].update(out[name], y[name])

@@ -34,7 +34,7 @@ from mtlsparse.sparsity.mask_analysis import write_mask_report
 from mtlsparse.trackers import check_trackers, log_final_metrics
 
 log = logging.getLogger("mtlsparse")
-ECHOED_KNOBS = ("k0", "k", "lam", "sparsity", "seed")
+ECHOED_KNOBS = ("k0", "k", "lam", "sparsity", "seed", "memory_format")
 
 
 def route_lightning_logs_through_hydra() -> None:

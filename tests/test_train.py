@@ -150,6 +150,7 @@ def test_pref_sets_k0_and_k(tiny_cfg, tmp_path):
     ("lam=-1e-3", "lam must be >= 0"),
     ("k0=-1", "k0 must be >= 0"),
     ("test_ckpt=worst", "test_ckpt must be one of ['best', 'last']"),
+    ("memory_format=nhwc", "memory_format must be one of ['contiguous', 'channels_last'], got 'nhwc'"),
     ("+method.foo=1", "unknown key 'method.foo'"),
     ("method=group_lasso method.prox=newton", "method.prox must be one of ('plain', 'adam')"),
     ("dataset=multi_digits", "set model.kernel_size=3"),
