@@ -3,9 +3,10 @@
 
 On CPU, PyTorch's oneDNN kernels for small convolutions and max-pooling can be much faster in
 channels_last: on one thread the MDMTN preset trains in half the CPU time, while the default
-`hps` model (BatchNorm, 16/32 channels) gains 1.09× (README, Results). The layout changes the order of float sums, so results differ at
-round-off from a contiguous run's; each layout on its own is deterministic. The default stays
-contiguous so that runs measured with it keep reproducing in every digit.
+`hps` model (BatchNorm, 16/32 channels) gains 1.09× (README, Results). The layout changes the
+order of float sums, so results differ at round-off from a contiguous run's; each layout on its
+own is deterministic. The default stays contiguous so that runs measured with it keep
+reproducing in every digit.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ a method announces on it go to the balancer's handler (`PhaseStarted` → `on_ph
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -30,6 +31,7 @@ from mtlsparse.training_state import Event, PhaseStarted, TrainingState
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+log = logging.getLogger(__name__)
 EVAL_SPLITS = ("val", "test")
 
 
@@ -79,8 +81,11 @@ class MultiTaskModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Lay the conv weights out in `memory_format` before the optimizer's state is made from them."""
-        if self.memory_format != "contiguous":
-            self.model.to(memory_format=MEMORY_FORMATS[self.memory_format])  # parameters keep their identity
+        if self.memory_format == "contiguous":
+            return
+        if not any(p.dim() == 4 for p in self.model.parameters()):
+            log.warning("memory_format=%s has no effect: the model has no convolution weights", self.memory_format)
+        self.model.to(memory_format=MEMORY_FORMATS[self.memory_format])  # parameters keep their identity
 
     def _in_layout(self, x: Tensor) -> Tensor:
         """An image batch in `memory_format` too, so every conv runs in one layout."""
