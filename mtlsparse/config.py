@@ -21,7 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mtlsparse.conf_dir import CONF_DIR, normalise_overrides
 from mtlsparse.errors import ConfigError
-from mtlsparse.memory_format import MEMORY_FORMATS
+from mtlsparse.memory_format import check_memory_format
 
 __all__ = ["CONF_DIR", "ConfigError", "build", "compose_config"]
 log = logging.getLogger("mtlsparse")
@@ -71,8 +71,10 @@ def validate_knobs(cfg: DictConfig) -> None:
         raise ConfigError(f"test_ckpt must be one of ['best', 'last'], got {cfg.get('test_ckpt')!r}")
     if not 0 <= _number(cfg, "min_sparsity") <= 100:
         raise ConfigError(f"min_sparsity must be a percentage in [0, 100], got {cfg.min_sparsity}")
-    if cfg.get("memory_format") not in MEMORY_FORMATS:
-        raise ConfigError(f"memory_format must be one of {list(MEMORY_FORMATS)}, got {cfg.get('memory_format')!r}")
+    try:
+        check_memory_format(cfg.get("memory_format"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     check_budget(cfg)
     check_trainer_extras(cfg)
     warn_iteration_mismatch(cfg)

@@ -18,5 +18,5 @@ MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.
 def check_memory_format(name: str) -> str:
     """Return `name` if it is a known layout, else raise naming the choices."""
     if name not in MEMORY_FORMATS:
-        raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {name!r}")
+        raise ValueError(f"memory_format must be one of {list(MEMORY_FORMATS)}, got {name!r}")
     return name

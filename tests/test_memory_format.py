@@ -44,9 +44,9 @@ def test_a_channels_last_run_matches_a_contiguous_one_up_to_round_off(tiny_cfg, 
     assert "test/mean_acc" in keys and "val/t0/loss" in keys
     for key in keys:
         assert nhwc[key] == pytest.approx(nchw[key], rel=1e-3, abs=1e-4), key
-    assert nhwc["export/max_abs_diff"] <= 1e-4 if "export/max_abs_diff" in nhwc else "export/error" not in nhwc
+    assert nhwc["export/channels_removed"] > 0 and nhwc["export/max_abs_diff"] <= 1e-4  # compacted from NHWC
 
 
 def test_an_unknown_layout_is_refused():
-    with pytest.raises(ValueError, match="memory_format must be one of contiguous, channels_last, got 'nhwc'"):
+    with pytest.raises(ValueError, match=r"memory_format must be one of \['contiguous', 'channels_last'\], got 'nhwc'"):
         check_memory_format("nhwc")
