@@ -40,8 +40,8 @@ def archived_records(sweep_dir: Path, record: str = RECORD) -> list[Path]:
     return sorted(numbered, key=_number)
 
 
-def _next_copy(sweep_dir: Path, record: str) -> Path:
-    earlier = archived_records(sweep_dir, record)
+def _next_copy(sweep_dir: Path, record: str, earlier: list[Path]) -> Path:
+    """The name after the newest of `earlier` (the record's `archived_records`)."""
     number = _number(earlier[-1]) + 1 if earlier else 1
     return sweep_dir / f"{record.removesuffix('.yaml')}.{number}.yaml"
 
@@ -51,7 +51,7 @@ def keep_earlier_record(sweep_dir: Path, new_record: str) -> Path | None:
     record = sweep_dir / RECORD
     if not record.is_file() or record.read_text() == new_record:
         return None
-    target = _next_copy(sweep_dir, RECORD)
+    target = _next_copy(sweep_dir, RECORD, archived_records(sweep_dir))
     record.rename(target)
     return target
 
@@ -65,7 +65,7 @@ def keep_search_results(sweep_dir: Path) -> Path | None:
     earlier = archived_records(sweep_dir, SEARCH_RESULTS)
     if earlier and earlier[-1].read_bytes() == results.read_bytes():
         return None
-    target = _next_copy(sweep_dir, SEARCH_RESULTS)
+    target = _next_copy(sweep_dir, SEARCH_RESULTS, earlier)
     shutil.copy2(results, target)
     return target
 
